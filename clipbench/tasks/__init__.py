@@ -1,0 +1,1 @@
+"""Evaluation tasks: arrays in, metrics out."""
