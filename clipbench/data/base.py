@@ -1,0 +1,103 @@
+"""The sample sequence every adapter returns, and helpers shared by adapters."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+@dataclass
+class Samples:
+    """A split of a dataset: ``samples[i] -> (PIL.Image RGB, target)``.
+
+    Exactly one of ``targets`` / ``captions`` is set:
+      - ``targets``: ``(N,)`` int64 class indices, or ``(N, C)`` uint8 for multi-label data;
+      - ``captions``: ``N`` lists of caption strings (retrieval); the target of item i is i.
+    ``load_image(i)`` returns the i-th image; it must be picklable for DataLoader workers.
+    ``ids`` are stable per-sample identifiers (file names, row ids) used in sidecars and digests.
+    """
+
+    load_image: Callable[[int], Image.Image]
+    size: int
+    targets: np.ndarray | None = None
+    captions: list[list[str]] | None = None
+    ids: Sequence[str] | None = None
+    description: str = ""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, Any]:
+        if index < 0 or index >= self.size:
+            raise IndexError(index)
+        image = self.load_image(index)
+        target = self.targets[index] if self.targets is not None else index
+        return image, target
+
+    def subset(self, indices: np.ndarray, description: str | None = None) -> "Samples":
+        """A new :class:`Samples` over ``indices`` (in that order)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        return Samples(
+            load_image=_IndexedLoader(self.load_image, indices),
+            size=len(indices),
+            targets=self.targets[indices] if self.targets is not None else None,
+            captions=[self.captions[i] for i in indices] if self.captions is not None else None,
+            ids=[self.ids[i] for i in indices] if self.ids is not None else None,
+            description=description or self.description,
+        )
+
+    def content_digest(self) -> str:
+        """Digest of the sample ids and targets: changes when the split's content changes."""
+        h = hashlib.sha256(str(self.size).encode())
+        if self.ids is not None:
+            h.update("\n".join(map(str, self.ids)).encode())
+        if self.targets is not None:
+            h.update(np.ascontiguousarray(self.targets).tobytes())
+        if self.captions is not None:
+            h.update("\x1f".join("\x1e".join(c) for c in self.captions).encode())
+        return h.hexdigest()[:16]
+
+
+class _IndexedLoader:
+    def __init__(self, load: Callable[[int], Image.Image], indices: np.ndarray):
+        self.load = load
+        self.indices = indices
+
+    def __call__(self, i: int) -> Image.Image:
+        return self.load(int(self.indices[i]))
+
+
+class FileImageLoader:
+    """Loads ``paths[i]`` as an RGB PIL image (picklable)."""
+
+    def __init__(self, paths: Sequence[Path | str]):
+        self.paths = [str(p) for p in paths]
+
+    def __call__(self, i: int) -> Image.Image:
+        with Image.open(self.paths[i]) as img:
+            return img.convert("RGB")
+
+
+def to_rgb(image: Any) -> Image.Image:
+    """Coerce a decoded image value (PIL, bytes dict from HF `datasets`, numpy array) to RGB PIL."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, dict):
+        if image.get("bytes") is not None:
+            import io
+
+            with Image.open(io.BytesIO(image["bytes"])) as img:
+                return img.convert("RGB")
+        if image.get("path"):
+            with Image.open(image["path"]) as img:
+                return img.convert("RGB")
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image).convert("RGB")
+    raise TypeError(f"cannot turn a {type(image).__name__} into an image")

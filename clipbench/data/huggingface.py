@@ -1,0 +1,113 @@
+"""Adapter for Hugging Face `datasets`: a local `save_to_disk` folder, a local folder of parquet or
+imagefolder files, or a hub id (downloaded into the data root's HF cache when allowed)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ClipbenchError
+from .base import Samples, to_rgb
+
+log = logging.getLogger(__name__)
+
+
+class HFImageLoader:
+    """``loader(i)`` decodes row i's image column only (picklable for DataLoader workers)."""
+
+    def __init__(self, dataset: Any, column: str):
+        self.dataset = dataset
+        self.column = column
+
+    def __call__(self, i: int):
+        return to_rgb(self.dataset[int(i)][self.column])
+
+
+def is_saved_dataset(path: Path) -> bool:
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
+def open_local(path: Path, split: str, config: str | None = None):
+    """Open ``split`` of a local HF dataset folder (save_to_disk, parquet or imagefolder files)."""
+    import datasets
+
+    if is_saved_dataset(path):
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            base, _, _ = split.partition("[")
+            if base not in loaded:
+                raise ClipbenchError(
+                    f"Split '{base}' is not in the saved dataset {path} (it has {list(loaded)}). "
+                    "Fix the spec's splits."
+                )
+            return loaded[base] if base == split else datasets.load_from_disk(str(path / base))
+        return loaded
+    try:
+        return datasets.load_dataset(str(path), name=config, split=split)
+    except ValueError as exc:
+        raise ClipbenchError(f"Could not read split '{split}' of the local dataset {path}: {exc}") from None
+
+
+def open_hub(hub_id: str, split: str, config: str | None, cache_dir: Path):
+    """Download (or reuse from cache) a hub dataset split."""
+    import datasets
+
+    log.info("loading %s (%s) split %s from the Hugging Face hub", hub_id, config, split)
+    return datasets.load_dataset(hub_id, name=config, split=split, cache_dir=str(cache_dir))
+
+
+def _guess_image_column(dataset: Any) -> str:
+    import datasets
+
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    raise ClipbenchError(
+        f"No image column found among {list(dataset.features)}; set source.image_column in the spec."
+    )
+
+
+def samples_from_dataset(
+    dataset: Any,
+    *,
+    image_column: str | None,
+    label_column: str | None,
+    caption_column: str | None,
+    num_classes: int | None,
+    multilabel: bool,
+    description: str,
+) -> Samples:
+    """Wrap an HF ``Dataset`` as :class:`Samples` (labels or captions read column-wise, no decoding)."""
+    columns = list(dataset.features)
+    image_column = image_column or _guess_image_column(dataset)
+    for col in (image_column, label_column, caption_column):
+        if col and col not in columns:
+            raise ClipbenchError(
+                f"Column '{col}' is not in {description} (columns: {columns}). Fix source.*_column in the spec."
+            )
+    loader = HFImageLoader(dataset, image_column)
+    if caption_column:
+        captions = []
+        for value in dataset[caption_column]:
+            if isinstance(value, str):
+                # webdataset mirrors store several captions in one text field, one per line
+                value = [v for v in value.split("\n") if v.strip()]
+            captions.append([str(v) for v in value])
+        return Samples(loader, len(dataset), captions=captions, ids=[str(i) for i in range(len(dataset))],
+                       description=description)
+    if not label_column:
+        raise ClipbenchError(f"{description}: set source.label_column (or caption_column) in the spec.")
+    raw = dataset[label_column]
+    if multilabel:
+        if num_classes is None:
+            raise ClipbenchError(f"{description}: a multi-label dataset needs num_classes.")
+        targets = np.zeros((len(raw), num_classes), dtype=np.uint8)
+        for i, labels in enumerate(raw):
+            targets[i, list(labels)] = 1
+    else:
+        targets = np.asarray(raw, dtype=np.int64)
+    return Samples(loader, len(dataset), targets=targets, ids=[str(i) for i in range(len(dataset))],
+                   description=description)

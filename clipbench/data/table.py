@@ -1,0 +1,98 @@
+"""Adapter for an image table: a CSV or JSONL file with an image path column and labels or captions.
+
+Rows name an image path relative to the table file. Retrieval tables give one or more captions per
+image: a caption column holding a list (JSONL, or a JSON list in a CSV cell) or a string; rows that
+repeat an image path add captions to that image (first-appearance order is kept).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ClipbenchError
+from .base import FileImageLoader, Samples
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as exc:
+                        raise ClipbenchError(f"{path}:{line_no}: not valid JSON ({exc}).") from None
+        return rows
+    if path.suffix.lower() in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    raise ClipbenchError(f"Unsupported table format {path.suffix} for {path}: use .csv, .tsv or .jsonl.")
+
+
+def _captions_of(value) -> list[str]:
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text)
+                if isinstance(parsed, list):
+                    return [str(v) for v in parsed]
+            except json.JSONDecodeError:
+                pass
+        return [value]
+    raise ClipbenchError(f"caption value {value!r} is neither a string nor a list of strings")
+
+
+def load_table(
+    table: Path,
+    image_column: str = "image",
+    label_column: str | None = None,
+    caption_column: str | None = None,
+) -> Samples:
+    """Load a classification (``label_column``) or retrieval (``caption_column``) table."""
+    if not table.is_file():
+        raise ClipbenchError(f"Table file {table} does not exist.")
+    rows = _read_rows(table)
+    if not rows:
+        raise ClipbenchError(f"Table {table} has no rows.")
+    columns = set(rows[0])
+    needed = [image_column, label_column or caption_column]
+    missing = [c for c in needed if c and c not in columns]
+    if missing or not (label_column or caption_column):
+        raise ClipbenchError(
+            f"Table {table} lacks column(s) {missing or ['label_column/caption_column']}; it has "
+            f"{sorted(columns)}. Set source.image_column and source.label_column (classification) "
+            "or source.caption_column (retrieval) in the spec."
+        )
+    base = table.parent
+    if caption_column:
+        order: dict[str, list[str]] = {}
+        for row in rows:
+            order.setdefault(str(row[image_column]), []).extend(_captions_of(row[caption_column]))
+        names = list(order)
+        return Samples(
+            load_image=FileImageLoader([base / n for n in names]),
+            size=len(names),
+            captions=[order[n] for n in names],
+            ids=names,
+            description=f"table {table}",
+        )
+    names = [str(row[image_column]) for row in rows]
+    try:
+        labels = np.asarray([int(row[label_column]) for row in rows], dtype=np.int64)
+    except (TypeError, ValueError):
+        raise ClipbenchError(f"Column '{label_column}' of {table} must hold integer class indices.") from None
+    return Samples(
+        load_image=FileImageLoader([base / n for n in names]),
+        size=len(names),
+        targets=labels,
+        ids=names,
+        description=f"table {table}",
+    )

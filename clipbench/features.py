@@ -1,0 +1,238 @@
+"""Batched, cached feature extraction.
+
+Image features are computed once per (model weights, dataset split, preprocessing, precision) and
+stored on disk; every task and every later run reuses them. A cache entry's key is a digest of
+everything that changes the numbers (see :func:`image_cache_key`); entries are written atomically,
+so an interrupted run never leaves a half-written file and a rerun resumes from what is complete.
+
+Extraction takes an optional index list so that one split can be sharded across
+``torch.distributed`` ranks and gathered (see :mod:`clipbench.distributed`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+#: Bumped whenever the stored arrays' meaning or layout changes; part of every cache key.
+FEATURE_FORMAT_VERSION = 1
+
+
+@dataclass
+class ImageFeatures:
+    """Features of one dataset split, in dataset order.
+
+    projected: (N, D) float32, L2-normalized embeddings (after the projection).
+    pre_projection: (N, P) float32 image features before the final projection (linear probes).
+    targets: (N,) int64 or (N, C) uint8 labels, or None for retrieval splits.
+    """
+
+    projected: np.ndarray
+    pre_projection: np.ndarray
+    targets: np.ndarray | None
+    pre_projection_kind: str
+    from_cache: bool = False
+    seconds: float = 0.0
+
+
+class FeatureCache:
+    """A directory of ``<key>.npz`` files plus ``<key>.json`` metadata, written atomically."""
+
+    def __init__(self, root: Path | None):
+        self.root = Path(root) if root is not None else None
+
+    @staticmethod
+    def digest(parts: dict[str, Any]) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def _path(self, kind: str, key: str) -> Path:
+        assert self.root is not None
+        return self.root / kind / key[:2] / f"{key}.npz"
+
+    def load(self, kind: str, key: str) -> dict[str, np.ndarray] | None:
+        if self.root is None:
+            return None
+        path = self._path(kind, key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {name: data[name] for name in data.files}
+        except (OSError, ValueError) as exc:  # a corrupt entry is recomputed, not trusted
+            log.warning("ignoring unreadable cache entry %s (%s)", path, exc)
+            return None
+
+    def save(self, kind: str, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        if self.root is None:
+            return
+        path = self._path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        meta_path = path.with_suffix(".json")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".json.tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(meta, f, indent=1, sort_keys=True, default=str)
+        os.replace(tmp, meta_path)
+
+
+def model_identity(model: Any) -> dict[str, Any]:
+    """The parts of a loaded model that change its features."""
+    return {
+        "model": model.name,
+        "pretrained": model.pretrained,
+        "weights": model.weights_digest,
+        "precision": model.precision,
+    }
+
+
+def image_cache_key(model: Any, spec: Any, role: str, samples: Any) -> dict[str, Any]:
+    """Everything that changes a split's image features."""
+    return {
+        "format": FEATURE_FORMAT_VERSION,
+        **model_identity(model),
+        "preprocess": repr(model.preprocess),
+        "dataset": spec.name,
+        "spec": spec.data_digest(),
+        "split": role,
+        "split_value": spec.split(role),
+        "content": samples.content_digest(),
+    }
+
+
+class _PreprocessedImages(Dataset):
+    """Applies the model's eval transform in DataLoader workers; yields (pixels, position)."""
+
+    def __init__(self, samples: Any, preprocess: Any, indices: Sequence[int]):
+        self.samples = samples
+        self.preprocess = preprocess
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int):
+        return self.preprocess(self.samples.load_image(self.indices[position])), position
+
+
+def encode_image_batches(
+    model: Any,
+    samples: Any,
+    *,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 256,
+    workers: int = 4,
+    desc: str = "images",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``samples[indices]`` (default: all) in order.
+
+    Returns:
+        (projected (n, D) float32 L2-normalized, pre_projection (n, P) float32).
+    """
+    indices = list(range(len(samples))) if indices is None else list(indices)
+    device = torch.device(model.device)
+    loader = DataLoader(
+        _PreprocessedImages(samples, model.preprocess, indices),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    projected: list[np.ndarray] = []
+    pre: list[np.ndarray] = []
+    with torch.inference_mode(), model.autocast():
+        for pixels, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+            proj, before = model.encode_images(pixels.to(device, non_blocking=True))
+            projected.append(proj.float().cpu().numpy())
+            pre.append(before.float().cpu().numpy())
+    if not projected:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+    return np.concatenate(projected), np.concatenate(pre)
+
+
+def image_features(
+    model: Any,
+    spec: Any,
+    role: str,
+    samples: Any,
+    cache: FeatureCache,
+    *,
+    batch_size: int = 256,
+    workers: int = 4,
+    encoder: Any = None,
+) -> ImageFeatures:
+    """Image features of one split, from the cache or computed (and cached).
+
+    ``encoder`` replaces :func:`encode_image_batches` (the distributed runner passes a sharded one).
+    """
+    import time
+
+    parts = image_cache_key(model, spec, role, samples)
+    key = FeatureCache.digest(parts)
+    kind = getattr(model, "pre_projection_kind", "before_projection")
+    cached = cache.load("image", key)
+    if cached is not None and len(cached["projected"]) == len(samples):
+        log.info("%s/%s: image features from cache (%s)", spec.name, role, key[:12])
+        return ImageFeatures(cached["projected"], cached["pre_projection"], samples.targets, kind, True)
+    start = time.perf_counter()
+    encode = encoder or encode_image_batches
+    projected, pre = encode(
+        model, samples, batch_size=batch_size, workers=workers, desc=f"{spec.name}/{role}"
+    )
+    seconds = time.perf_counter() - start
+    if projected is not None:
+        cache.save("image", key, {"projected": projected, "pre_projection": pre},
+                   {**parts, "n": len(samples), "seconds": seconds})
+    return ImageFeatures(projected, pre, samples.targets, kind, False, seconds)
+
+
+def text_features(
+    model: Any, texts: Sequence[str], cache: FeatureCache, *, batch_size: int = 1024
+) -> np.ndarray:
+    """L2-normalized text embeddings (T, D) float32, encoded many prompts per batch, cached.
+
+    Prompts of all classes go through the text tower together (e.g. 1,000 classes x 80 templates in
+    batches of ``batch_size``), rather than one class per batch.
+    """
+    texts = list(texts)
+    parts = {
+        "format": FEATURE_FORMAT_VERSION,
+        **model_identity(model),
+        "texts": hashlib.sha256("\x1e".join(texts).encode()).hexdigest(),
+        "n": len(texts),
+    }
+    key = FeatureCache.digest(parts)
+    cached = cache.load("text", key)
+    if cached is not None:
+        return cached["features"]
+    chunks = []
+    with torch.inference_mode(), model.autocast():
+        for start in tqdm(range(0, len(texts), batch_size), desc="texts", unit="batch", leave=False,
+                          disable=None):
+            chunks.append(model.encode_texts(texts[start:start + batch_size]).float().cpu().numpy())
+    features = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    cache.save("text", key, {"features": features}, parts)
+    return features

@@ -1,0 +1,280 @@
+"""Wires specs -> data -> features -> tasks -> records for one model over many datasets.
+
+This is the only module that calls adapters, the model and the tasks together; tasks themselves
+see numpy arrays only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import results
+from .data import Samples, load_split, local_dir
+from .errors import ClipbenchError
+from .features import FeatureCache, ImageFeatures, image_features, text_features
+from .specs import DatasetSpec
+
+log = logging.getLogger(__name__)
+
+ALL_TASKS = ("zeroshot", "linear_probe", "few_shot", "retrieval")
+#: The embedded offline default: a tiny CLIP trained on clipbench's synthetic world.
+DEFAULT_MODEL = "clipbench-tiny"
+DEFAULT_PRETRAINED = "synthetic"
+DEFAULT_DATASETS = ("default",)
+
+
+@dataclass
+class RunConfig:
+    """Everything `clipbench run` needs; ``model``/``pretrained`` None means the embedded default."""
+
+    model: str | None = None
+    pretrained: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=lambda: ["zeroshot", "linear_probe", "retrieval"])
+    data_root: Path = Path(".")
+    output: Path = Path("results")
+    cache_dir: Path = Path(".cache")
+    batch_size: int = 256
+    text_batch_size: int = 1024
+    workers: int = 4
+    device: str = "auto"
+    precision: str = "amp"
+    seed: int = 0
+    force: bool = False
+    allow_download: bool = True
+    probe_solver: str = "sklearn"
+    probe_features: str = "pre_projection"
+    few_shot_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    few_shot_seeds: int = 3
+    recall_k: list[int] = field(default_factory=lambda: [1, 5, 10])
+    n_bootstrap: int = 1000
+    templates_file: Path | None = None
+    classnames_file: Path | None = None
+
+    def record_config(self) -> dict[str, Any]:
+        """The settings that can change a number, stored in every record."""
+        keep = ("precision", "seed", "probe_solver", "probe_features", "recall_k", "n_bootstrap",
+                "few_shot_k", "few_shot_seeds", "templates_file", "classnames_file")
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k in keep}
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return [l.rstrip("\n") for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+    except FileNotFoundError:
+        raise ClipbenchError(f"File {path} does not exist.") from None
+
+
+def prompts_for(spec: DatasetSpec, config: RunConfig, data_root: Path) -> tuple[list[str], list[str], str]:
+    """Classnames, templates and where the templates came from (said in the record)."""
+    classnames = list(spec.classnames or ())
+    templates = list(spec.templates or ())
+    origin = spec.templates_origin or "dataset spec"
+    if spec.source.type == "webdataset" and (not classnames or not templates):
+        from .data.webdataset import read_wds_prompts
+
+        root = local_dir(spec, data_root)
+        wds_classes, wds_templates = read_wds_prompts(root) if root else (None, None)
+        classnames = classnames or list(wds_classes or ())
+        if not templates and wds_templates:
+            templates, origin = list(wds_templates), "zeroshot_classification_templates.txt of the webdataset"
+    if config.classnames_file:
+        classnames = _read_lines(config.classnames_file)
+    if config.templates_file:
+        templates, origin = _read_lines(config.templates_file), f"user file {config.templates_file}"
+    if not classnames or not templates:
+        raise ClipbenchError(
+            f"Dataset '{spec.name}' has no {'classnames' if not classnames else 'templates'} for "
+            "zero-shot classification; give them in the spec or with --classnames/--templates FILE."
+        )
+    expected = max(spec.class_subset) + 1 if spec.class_subset else spec.num_classes
+    if spec.class_subset is None and len(classnames) != expected:
+        raise ClipbenchError(
+            f"Dataset '{spec.name}' has {expected} classes but {len(classnames)} class names were given."
+        )
+    return classnames, templates, origin
+
+
+class Evaluator:
+    """Runs the requested tasks of one loaded model over dataset specs, writing one record each."""
+
+    def __init__(self, model: Any, config: RunConfig, *, encoder: Callable | None = None,
+                 is_writer: bool = True):
+        self.model = model
+        self.config = config
+        self.cache = FeatureCache(Path(config.cache_dir) / "features")
+        self.encoder = encoder
+        self.is_writer = is_writer
+        self.versions = results.package_versions()
+
+    # -- data and features -------------------------------------------------------------------
+    def _samples(self, spec: DatasetSpec, role: str) -> Samples:
+        return load_split(spec, role, Path(self.config.data_root), Path(self.config.cache_dir),
+                          allow_download=self.config.allow_download)
+
+    def _features(self, spec: DatasetSpec, role: str) -> tuple[ImageFeatures, Samples]:
+        samples = self._samples(spec, role)
+        feats = image_features(self.model, spec, role, samples, self.cache,
+                               batch_size=self.config.batch_size, workers=self.config.workers,
+                               encoder=self.encoder)
+        return feats, samples
+
+    # -- orchestration -----------------------------------------------------------------------
+    def tasks_for(self, spec: DatasetSpec) -> list[str]:
+        supported = set(spec.tasks) | ({"few_shot"} if "linear_probe" in spec.tasks else set())
+        return [t for t in self.config.tasks if t in supported]
+
+    def run(self, specs: list[DatasetSpec]) -> list[results.Record]:
+        records: list[results.Record] = []
+        for spec in specs:
+            tasks = self.tasks_for(spec)
+            if not tasks:
+                log.warning("%s: none of the tasks %s apply (it supports %s); skipped",
+                            spec.name, self.config.tasks, list(spec.tasks))
+                continue
+            for task in tasks:
+                existing = results.existing_record(self.config.output, self.model.name,
+                                                   self.model.pretrained, spec.name, task)
+                if existing is not None and not self.config.force:
+                    log.info("%s/%s: record exists, skipped (use --force to recompute)", spec.name, task)
+                    records.append(existing)
+                    continue
+                start = time.perf_counter()
+                record, per_class = getattr(self, f"_run_{task}")(spec)
+                record.seconds["total"] = round(time.perf_counter() - start, 3)
+                if self.is_writer and record is not None:
+                    path = results.write_record(record, self.config.output, per_class)
+                    log.info("wrote %s", path)
+                records.append(record)
+        return records
+
+    def _record(self, spec: DatasetSpec, task: str, split: str, metrics: dict, n: int, **kw) -> results.Record:
+        config = self.config.record_config()
+        config.update(kw.pop("config", {}))
+        config["dataset_spec"] = {"file": str(spec.file), "data_digest": spec.data_digest()}
+        config["weights_digest"] = self.model.weights_digest
+        return results.Record(
+            model=self.model.name, pretrained=self.model.pretrained, dataset=spec.name, task=task,
+            split=split, metrics=metrics, primary_metric=kw.pop("primary_metric", spec.primary_metric),
+            n_samples=n, config=config, versions=self.versions, **kw,
+        )
+
+    # -- tasks -------------------------------------------------------------------------------
+    def _run_zeroshot(self, spec: DatasetSpec):
+        from .tasks import zeroshot
+
+        classnames, templates, origin = prompts_for(spec, self.config, Path(self.config.data_root))
+        feats, samples = self._features(spec, "test")
+        t0 = time.perf_counter()
+        prompts = zeroshot.build_prompts(classnames, templates)
+        prompt_features = text_features(self.model, prompts, self.cache,
+                                        batch_size=self.config.text_batch_size)
+        weights = zeroshot.class_weights(prompt_features, len(classnames))
+        t1 = time.perf_counter()
+        result = zeroshot.evaluate(
+            feats.projected, weights, feats.targets, spec.primary_metric, multilabel=spec.multilabel,
+            class_subset=np.asarray(spec.class_subset) if spec.class_subset else None,
+            n_bootstrap=self.config.n_bootstrap, seed=self.config.seed,
+        )
+        details = {"n_classes": spec.num_classes, "n_templates": len(templates)}
+        if spec.class_subset:
+            details["logits_restricted_to_class_subset"] = len(spec.class_subset)
+        record = self._record(
+            spec, "zeroshot", "test", result.metrics, len(samples),
+            confidence_intervals={k: list(v) for k, v in result.confidence_intervals.items()},
+            details=details,
+            config={"templates_origin": origin},
+            seconds={"features": round(feats.seconds, 3), "text": round(t1 - t0, 3),
+                     "task": round(time.perf_counter() - t1, 3)},
+        )
+        per_class = {"classnames": classnames if not spec.class_subset
+                     else [classnames[i] for i in spec.class_subset],
+                     "per_class": result.per_class}
+        return record, per_class
+
+    def _probe_arrays(self, spec: DatasetSpec):
+        """Train / val / test features for probes; val carved from train when the spec has none."""
+        from .tasks.linear_probe import stratified_val_split
+
+        kind = self.config.probe_features
+        pick = (lambda f: f.pre_projection) if kind == "pre_projection" else (lambda f: f.projected)
+        train, _ = self._features(spec, "train")
+        test, _ = self._features(spec, "test")
+        if spec.split("val") is not None:
+            val, _ = self._features(spec, "val")
+            arrays = (pick(train), train.targets, pick(val), val.targets)
+            val_source = "spec split"
+        else:
+            strat = train.targets if train.targets.ndim == 1 else train.targets.argmax(1)
+            tr_idx, va_idx = stratified_val_split(strat, spec.val_fraction, self.config.seed)
+            x = pick(train)
+            arrays = (x[tr_idx], train.targets[tr_idx], x[va_idx], train.targets[va_idx])
+            val_source = f"stratified {spec.val_fraction:.0%} of train (seed {self.config.seed})"
+        seconds = train.seconds + test.seconds
+        return arrays, (pick(test), test.targets), val_source, train.pre_projection_kind, seconds
+
+    def _run_linear_probe(self, spec: DatasetSpec):
+        from .tasks.linear_probe import linear_probe
+
+        (tx, ty, vx, vy), (sx, sy), val_source, kind, feat_s = self._probe_arrays(spec)
+        t0 = time.perf_counter()
+        result = linear_probe(tx, ty, vx, vy, sx, sy, primary_metric=spec.primary_metric,
+                              multilabel=spec.multilabel, solver=self.config.probe_solver,
+                              device=str(self.model.device), seed=self.config.seed)
+        feature_kind = self.config.probe_features
+        if feature_kind == "pre_projection":
+            feature_kind = kind
+        record = self._record(
+            spec, "linear_probe", "test", result.metrics, len(sy),
+            details={"C": result.C, "sweep": {f"{c:.6g}": s for c, s in sorted(result.sweep.items())},
+                     "feature_kind": feature_kind, "validation": val_source,
+                     "n_train": int(len(ty)), "n_val": int(len(vy))},
+            seconds={"features": round(feat_s, 3), "task": round(time.perf_counter() - t0, 3)},
+        )
+        return record, None
+
+    def _run_few_shot(self, spec: DatasetSpec):
+        from .tasks.linear_probe import few_shot
+
+        (tx, ty, vx, vy), (sx, sy), val_source, kind, feat_s = self._probe_arrays(spec)
+        t0 = time.perf_counter()
+        result = few_shot(tx, ty, vx, vy, sx, sy, ks=tuple(self.config.few_shot_k),
+                          seeds=tuple(range(self.config.few_shot_seeds)),
+                          primary_metric=spec.primary_metric, multilabel=spec.multilabel,
+                          solver=self.config.probe_solver, device=str(self.model.device))
+        metrics = {f"{spec.primary_metric}@{k}shot": v["mean"] for k, v in result.per_k.items()}
+        largest = max(result.per_k)
+        metrics[spec.primary_metric] = result.per_k[largest]["mean"]
+        record = self._record(
+            spec, "few_shot", "test", metrics, len(sy),
+            details={"k": {str(k): v for k, v in result.per_k.items()}, "validation": val_source,
+                     "c_selection": result.c_selection, "feature_kind": self.config.probe_features},
+            seconds={"features": round(feat_s, 3), "task": round(time.perf_counter() - t0, 3)},
+        )
+        return record, None
+
+    def _run_retrieval(self, spec: DatasetSpec):
+        from .tasks.retrieval import retrieval_metrics
+
+        feats, samples = self._features(spec, "test")
+        captions = samples.captions or []
+        flat = [c for caps in captions for c in caps]
+        owner = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+        t0 = time.perf_counter()
+        text = text_features(self.model, flat, self.cache, batch_size=self.config.text_batch_size)
+        t1 = time.perf_counter()
+        result = retrieval_metrics(feats.projected, text, owner, recall_k=tuple(self.config.recall_k),
+                                   device=str(self.model.device))
+        record = self._record(
+            spec, "retrieval", "test", result.metrics, len(samples),
+            details={"n_images": int(len(captions)), "n_captions": int(len(flat))},
+            seconds={"features": round(feats.seconds, 3), "text": round(t1 - t0, 3),
+                     "task": round(time.perf_counter() - t1, 3)},
+        )
+        return record, None

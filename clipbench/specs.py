@@ -1,0 +1,416 @@
+"""Dataset specs: YAML files that describe a dataset as data (source, splits, metric, prompts).
+
+A spec is loaded, validated field by field (every problem is reported with the file, the field and
+what was expected) and frozen into a :class:`DatasetSpec`. The schema is documented in
+``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from .errors import ClipbenchError
+from .paths import specs_dir, templates_dir
+
+TASKS = ("zeroshot", "linear_probe", "retrieval")
+CLASSIFICATION_METRICS = (
+    "accuracy",
+    "top5_accuracy",
+    "mean_per_class_recall",
+    "map_11point",
+    "roc_auc",
+    "mean_top1_top5",
+)
+RETRIEVAL_METRIC_RE = re.compile(r"^(text_to_image|image_to_text)_R@\d+$|^rsum$")
+SOURCE_TYPES = ("huggingface", "torchvision", "imagefolder", "table", "webdataset", "video")
+SPLIT_ROLES = ("train", "val", "test")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
+
+_TOP_FIELDS = {
+    "name", "title", "tasks", "primary_metric", "num_classes", "multilabel", "groups", "paper_name",
+    "source", "splits", "val_fraction", "classnames", "templates", "templates_origin",
+    "class_subset", "subsample", "notes",
+}
+_SOURCE_FIELDS = {
+    "type", "path", "config", "image_column", "label_column", "caption_column", "kwargs",
+    "download", "manual", "generator", "class_folders",
+}
+GENERATORS = ("synthetic",)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where the data lives and how the adapter reads it (see docs/architecture.md)."""
+
+    type: str
+    path: str
+    config: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    caption_column: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    download: bool = True
+    manual: str | None = None
+    generator: str | None = None
+    class_folders: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A validated dataset spec. ``classnames``/``templates`` are loaded from their files."""
+
+    name: str
+    title: str
+    tasks: tuple[str, ...]
+    primary_metric: str
+    source: SourceSpec
+    splits: dict[str, Any]
+    file: Path
+    num_classes: int | None = None
+    multilabel: bool = False
+    groups: tuple[str, ...] = ()
+    paper_name: str | None = None
+    val_fraction: float = 0.2
+    classnames: tuple[str, ...] | None = None
+    templates: tuple[str, ...] | None = None
+    templates_origin: str | None = None
+    class_subset: tuple[int, ...] | None = None
+    subsample: dict[str, int] | None = None
+    notes: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def is_retrieval(self) -> bool:
+        return "retrieval" in self.tasks
+
+    def split(self, role: str) -> Any:
+        """The adapter split value for a role (``train``/``val``/``test``), or None."""
+        return self.splits.get(role)
+
+    def data_digest(self) -> str:
+        """Digest of every field that changes which images (and labels) a split yields.
+
+        Templates and classnames are left out: they change text features, not image features.
+        """
+        keys = ("name", "source", "splits", "subsample")
+        payload = json.dumps({k: self.raw.get(k) for k in keys}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class _Errors:
+    def __init__(self, file: Path):
+        self.file = file
+        self.items: list[str] = []
+
+    def add(self, field_name: str, expected: str, got: Any = None) -> None:
+        got_text = "" if got is None else f", got {got!r}"
+        self.items.append(f"field '{field_name}': expected {expected}{got_text}")
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            lines = "\n  - ".join(self.items)
+            raise ClipbenchError(
+                f"Invalid dataset spec {self.file}:\n  - {lines}\n"
+                "Fix these fields (the schema is in docs/architecture.md) and run again."
+            )
+
+
+def _read_lines(path: Path) -> list[str]:
+    lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
+    return [line for line in lines if line.strip()]
+
+
+def _resolve_file(value: str, spec_file: Path) -> Path | None:
+    for base in (spec_file.parent, templates_dir()):
+        candidate = (base / value).expanduser()
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_list(value: Any, field_name: str, spec_file: Path, errors: _Errors) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+        return [str(v) for v in value]
+    if isinstance(value, str):
+        path = _resolve_file(value, spec_file)
+        if path is None:
+            errors.add(
+                field_name,
+                f"an inline list or a file relative to the spec or to {templates_dir()}",
+                value,
+            )
+            return None
+        return _read_lines(path)
+    errors.add(field_name, "an inline list of strings or a file path", value)
+    return None
+
+
+def _validate_source(raw: Any, spec_file: Path, errors: _Errors) -> SourceSpec | None:
+    if not isinstance(raw, dict):
+        errors.add("source", "a mapping with at least 'type' and 'path'", raw)
+        return None
+    for key in sorted(set(raw) - _SOURCE_FIELDS):
+        errors.add(f"source.{key}", f"one of the known source fields {sorted(_SOURCE_FIELDS)}", key)
+    kind = raw.get("type")
+    if kind not in SOURCE_TYPES:
+        errors.add("source.type", f"one of {list(SOURCE_TYPES)}", kind)
+    path = raw.get("path")
+    if not isinstance(path, str) or not path:
+        errors.add("source.path", "a non-empty string (hub id, torchvision class or directory)", path)
+    kwargs = raw.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        errors.add("source.kwargs", "a mapping of adapter arguments", kwargs)
+        kwargs = {}
+    download = raw.get("download", True)
+    if not isinstance(download, bool):
+        errors.add("source.download", "true or false", download)
+    generator = raw.get("generator")
+    if generator is not None and generator not in GENERATORS:
+        errors.add("source.generator", f"one of {list(GENERATORS)}", generator)
+    for key in ("config", "image_column", "label_column", "caption_column", "manual"):
+        if raw.get(key) is not None and not isinstance(raw.get(key), str):
+            errors.add(f"source.{key}", "a string", raw.get(key))
+    class_folders = _load_list(raw.get("class_folders"), "source.class_folders", spec_file, errors)
+    if not isinstance(kind, str) or not isinstance(path, str):
+        return None
+    return SourceSpec(
+        type=kind,
+        path=path,
+        config=raw.get("config"),
+        image_column=raw.get("image_column"),
+        label_column=raw.get("label_column"),
+        caption_column=raw.get("caption_column"),
+        kwargs=dict(kwargs),
+        download=bool(download),
+        manual=raw.get("manual"),
+        generator=generator,
+        class_folders=tuple(class_folders) if class_folders is not None else None,
+    )
+
+
+def parse_spec(raw: Any, file: Path) -> DatasetSpec:
+    """Validate a parsed YAML mapping and build a :class:`DatasetSpec`.
+
+    Raises:
+        ClipbenchError: listing every invalid field (file, field, expected value).
+    """
+    errors = _Errors(file)
+    if not isinstance(raw, dict):
+        errors.add("(top level)", "a YAML mapping of spec fields", type(raw).__name__)
+        errors.raise_if_any()
+    for key in sorted(set(raw) - _TOP_FIELDS):
+        close = difflib.get_close_matches(key, sorted(_TOP_FIELDS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        errors.add(key, f"a known spec field{hint}; known fields: {sorted(_TOP_FIELDS)}", key)
+
+    name = raw.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        errors.add("name", "a lowercase identifier of [a-z0-9_-]", name)
+    title = raw.get("title", name)
+    if not isinstance(title, str):
+        errors.add("title", "a string", title)
+
+    tasks = raw.get("tasks")
+    if not isinstance(tasks, list) or not tasks or any(t not in TASKS for t in tasks):
+        errors.add("tasks", f"a non-empty list drawn from {list(TASKS)}", tasks)
+        tasks = []
+    is_retrieval = "retrieval" in tasks
+    if is_retrieval and len(tasks) > 1:
+        errors.add("tasks", "retrieval datasets support only the retrieval task", tasks)
+
+    metric = raw.get("primary_metric")
+    if is_retrieval:
+        if not isinstance(metric, str) or not RETRIEVAL_METRIC_RE.match(metric):
+            errors.add("primary_metric", "a retrieval metric such as 'text_to_image_R@1'", metric)
+    elif metric not in CLASSIFICATION_METRICS:
+        errors.add("primary_metric", f"one of {list(CLASSIFICATION_METRICS)}", metric)
+
+    num_classes = raw.get("num_classes")
+    if not is_retrieval and (not isinstance(num_classes, int) or num_classes < 2):
+        errors.add("num_classes", "an integer >= 2 for a classification dataset", num_classes)
+    multilabel = raw.get("multilabel", False)
+    if not isinstance(multilabel, bool):
+        errors.add("multilabel", "true or false", multilabel)
+
+    groups = raw.get("groups") or []
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        errors.add("groups", "a list of group names", groups)
+        groups = []
+    paper_name = raw.get("paper_name")
+    if paper_name is not None and not isinstance(paper_name, str):
+        errors.add("paper_name", "the dataset's column name in the paper's tables", paper_name)
+
+    source = _validate_source(raw.get("source"), file, errors)
+
+    splits = raw.get("splits")
+    if not isinstance(splits, dict) or "test" not in splits or splits.get("test") is None:
+        errors.add("splits", "a mapping with at least a 'test' split (and 'train'/'val')", splits)
+        splits = {}
+    for role in sorted(set(splits) - set(SPLIT_ROLES)):
+        errors.add(f"splits.{role}", f"one of the split roles {list(SPLIT_ROLES)}", role)
+    if "linear_probe" in tasks and splits.get("train") is None:
+        errors.add("splits.train", "a train split for a dataset with the linear_probe task", None)
+
+    val_fraction = raw.get("val_fraction", 0.2)
+    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        errors.add("val_fraction", "a fraction strictly between 0 and 1", val_fraction)
+
+    classnames = _load_list(raw.get("classnames"), "classnames", file, errors)
+    templates = _load_list(raw.get("templates"), "templates", file, errors)
+    if "zeroshot" in tasks:
+        if classnames is None:
+            errors.add("classnames", "a classnames file or list (needed by the zeroshot task)", None)
+        if templates is None:
+            errors.add("templates", "a templates file or list (needed by the zeroshot task)", None)
+    if templates:
+        bad = [t for t in templates if "{c}" not in t and "{}" not in t]
+        if bad:
+            errors.add("templates", "every template to contain the '{c}' placeholder", bad[0])
+    class_subset = _load_list(raw.get("class_subset"), "class_subset", file, errors)
+    subset_ints: tuple[int, ...] | None = None
+    if class_subset is not None:
+        try:
+            subset_ints = tuple(int(v) for v in class_subset)
+        except ValueError:
+            errors.add("class_subset", "a list (or file) of integer class indices", class_subset[:3])
+    if subset_ints is not None and isinstance(num_classes, int) and len(subset_ints) != num_classes:
+        errors.add("class_subset", f"{num_classes} class indices (num_classes)", len(subset_ints))
+    if classnames is not None and isinstance(num_classes, int):
+        if subset_ints is not None:
+            # the subset indexes into the full class list (ImageNet-R/A: 200 of ImageNet's 1,000)
+            if subset_ints and max(subset_ints) >= len(classnames):
+                errors.add("class_subset", f"indices below {len(classnames)} (the classnames)", max(subset_ints))
+        elif len(classnames) != num_classes:
+            errors.add("classnames", f"{num_classes} class names (num_classes)", len(classnames))
+
+    subsample = raw.get("subsample")
+    if subsample is not None:
+        if not isinstance(subsample, dict) or not all(
+            k in (*SPLIT_ROLES, "seed") and isinstance(v, int) and v > 0 for k, v in subsample.items()
+        ):
+            errors.add("subsample", "a mapping {train|val|test: count, seed: int}", subsample)
+
+    templates_origin = raw.get("templates_origin")
+    notes = raw.get("notes")
+    for key, value in (("templates_origin", templates_origin), ("notes", notes)):
+        if value is not None and not isinstance(value, str):
+            errors.add(key, "a string", value)
+
+    if isinstance(name, str) and file.suffix in (".yaml", ".yml") and file.stem != name:
+        errors.add("name", f"to equal the file name stem '{file.stem}'", name)
+    errors.raise_if_any()
+    assert source is not None
+    return DatasetSpec(
+        name=name,
+        title=title,
+        tasks=tuple(tasks),
+        primary_metric=metric,
+        source=source,
+        splits=dict(splits),
+        file=file,
+        num_classes=num_classes,
+        multilabel=multilabel,
+        groups=tuple(groups),
+        paper_name=paper_name,
+        val_fraction=float(val_fraction),
+        classnames=tuple(classnames) if classnames is not None else None,
+        templates=tuple(templates) if templates is not None else None,
+        templates_origin=templates_origin,
+        class_subset=subset_ints,
+        subsample=dict(subsample) if subsample else None,
+        notes=notes,
+        raw=dict(raw),
+    )
+
+
+def load_spec_file(path: Path) -> DatasetSpec:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ClipbenchError(f"Dataset spec file {path} does not exist.") from None
+    except yaml.YAMLError as exc:
+        raise ClipbenchError(f"Dataset spec {path} is not valid YAML: {exc}") from None
+    return parse_spec(raw, path)
+
+
+def spec_files() -> dict[str, Path]:
+    """Packaged spec files by dataset name."""
+    return {p.stem: p for p in sorted(specs_dir().glob("*.yaml"))}
+
+
+def list_specs() -> list[DatasetSpec]:
+    """Every packaged spec, sorted by name."""
+    return [load_spec_file(p) for p in spec_files().values()]
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.endswith((".yaml", ".yml")) or "/" in value or value.startswith(".")
+
+
+def find_spec(name: str) -> DatasetSpec | None:
+    """The packaged spec called ``name`` (case-insensitive), or None."""
+    files = spec_files()
+    key = name.lower()
+    if key in files:
+        return load_spec_file(files[key])
+    return None
+
+
+def load_spec(name_or_path: str | Path) -> DatasetSpec:
+    """Load a spec by packaged name or by file path.
+
+    Raises:
+        ClipbenchError: unknown name (with the closest names) or invalid spec.
+    """
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or _looks_like_path(text):
+        return load_spec_file(Path(text).expanduser())
+    spec = find_spec(text)
+    if spec is None:
+        names = list(spec_files())
+        close = difflib.get_close_matches(text.lower(), names + list(all_groups()), n=5, cutoff=0.5)
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise ClipbenchError(
+            f"Unknown dataset '{text}'.{hint} `clipbench datasets` lists every dataset; a path to "
+            "a spec file (*.yaml) also works."
+        )
+    return spec
+
+
+def all_groups() -> dict[str, list[str]]:
+    """Group name -> sorted dataset names, over the packaged specs."""
+    groups: dict[str, list[str]] = {}
+    for spec in list_specs():
+        for group in spec.groups:
+            groups.setdefault(group, []).append(spec.name)
+    return {g: sorted(v) for g, v in sorted(groups.items())}
+
+
+def select(items: Iterable[str]) -> list[DatasetSpec]:
+    """Resolve dataset names, group names, spec paths or comma-separated mixes, in order, once each."""
+    chosen: dict[str, DatasetSpec] = {}
+    groups = None
+    for item in items:
+        for token in (t.strip() for t in str(item).split(",")):
+            if not token:
+                continue
+            if not _looks_like_path(token) and find_spec(token) is None:
+                groups = groups if groups is not None else all_groups()
+                if token in groups:
+                    for name in groups[token]:
+                        chosen.setdefault(name, load_spec(name))
+                    continue
+            spec = load_spec(token)
+            chosen.setdefault(spec.name, spec)
+    return list(chosen.values())
