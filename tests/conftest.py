@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny datasets written in every on-disk format clipbench reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Tests never touch the network and never write outside their tmp dirs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+COLORS = [(220, 30, 30), (30, 200, 30), (30, 30, 220)]
+
+
+def make_image(label: int, index: int, size: int = 32) -> Image.Image:
+    """A small RGB image whose dominant colour encodes the label, with per-index noise."""
+    rng = np.random.default_rng(1000 * label + index)
+    base = np.array(COLORS[label % len(COLORS)], dtype=np.float32)
+    pixels = np.clip(base + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture
+def imagefolder_root(tmp_path: Path) -> Path:
+    """``root/{train,test}/{a_red,b_green,c_blue}/*.png``, 5 train and 3 test images per class.
+
+    Folder names sort in label order (red=0, green=1, blue=2)."""
+    root = tmp_path / "folder"
+    for split, n in (("train", 5), ("test", 3)):
+        for label, name in enumerate(("a_red", "b_green", "c_blue")):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                make_image(label, i + (100 if split == "test" else 0)).save(d / f"{i:03d}.png")
+    return root
