@@ -34,9 +34,11 @@ def _add_common_data_args(p: argparse.ArgumentParser) -> None:
                    help="feature cache and generated data (default: $CLIPBENCH_CACHE, else ~/.cache/clipbench)")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    from .pipeline import ALL_TASKS
+# Kept here rather than imported from clipbench.pipeline so that `clipbench --help` does not load torch.
+ALL_TASKS = ("zeroshot", "linear_probe", "few_shot", "retrieval")
 
+
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipbench",
         description="Evaluate CLIP-like models with the CLIP paper's protocols.",
@@ -128,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         few_shot_seeds=args.few_shot_seeds, recall_k=args.recall_k, n_bootstrap=args.bootstrap,
         templates_file=args.templates, classnames_file=args.classnames,
     )
-    unknown = [t for t in tasks if t not in ("zeroshot", "linear_probe", "few_shot", "retrieval")]
+    unknown = [t for t in tasks if t not in ALL_TASKS]
     if unknown:
         raise ClipbenchError(f"Unknown task(s) {unknown}: choose from zeroshot, linear_probe, few_shot, retrieval.")
     selected = specs.select(dataset_args)

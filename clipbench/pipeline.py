@@ -22,7 +22,6 @@ from .specs import DatasetSpec
 
 log = logging.getLogger(__name__)
 
-ALL_TASKS = ("zeroshot", "linear_probe", "few_shot", "retrieval")
 #: The embedded offline default: a tiny CLIP trained on clipbench's synthetic world.
 DEFAULT_MODEL = "clipbench-tiny"
 DEFAULT_PRETRAINED = "synthetic"
