@@ -296,7 +296,8 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
     subsample = raw.get("subsample")
     if subsample is not None:
         if not isinstance(subsample, dict) or not all(
-            k in (*SPLIT_ROLES, "seed") and isinstance(v, int) and v > 0 for k, v in subsample.items()
+            k in (*SPLIT_ROLES, "seed") and isinstance(v, int) and (v >= 0 if k == "seed" else v > 0)
+            for k, v in subsample.items()
         ):
             errors.add("subsample", "a mapping {train|val|test: count, seed: int}", subsample)
 

@@ -30,8 +30,8 @@ def spec_for(source: dict, splits: dict, *, name="fx", tasks=("zeroshot",), retr
         "splits": splits,
         **({} if retrieval else {"num_classes": 3, "classnames": ["red", "green", "blue"],
                                  "templates": ["a {c} image."]}),
-        **extra,
     }
+    raw.update(extra)
     return parse_spec(raw, Path(f"{name}.yaml"))
 
 
@@ -230,3 +230,14 @@ def test_manual_dataset_says_how_to_get_it(tmp_path):
     with pytest.raises(ClipbenchError) as info:
         load_split(spec, "test", tmp_path / "data", tmp_path)
     assert "image-net.org" in str(info.value) and str(tmp_path / "data" / "imnet") in str(info.value)
+
+
+def test_table_multilabel_lists(tmp_path):
+    root = tmp_path / "voc"
+    names = _write_table_images(root, 3)
+    rows = [{"image": names[0], "labels": [0, 2]}, {"image": names[1], "labels": [1]}, {"image": names[2], "labels": []}]
+    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = spec_for({"type": "table", "path": str(root), "label_column": "labels"}, {"test": "test.jsonl"},
+                    multilabel=True, primary_metric="map_11point")
+    samples = load_split(spec, "test", tmp_path, tmp_path)
+    assert samples.targets.tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]

@@ -147,6 +147,8 @@ def load_split(
             image_column=src.image_column or "image",
             label_column=None if spec.is_retrieval else (src.label_column or "label"),
             caption_column=(src.caption_column or "captions") if spec.is_retrieval else None,
+            num_classes=spec.num_classes,
+            multilabel=spec.multilabel,
         )
     elif src.type == "huggingface":
         from .huggingface import open_hub, open_local, samples_from_dataset

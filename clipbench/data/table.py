@@ -55,8 +55,14 @@ def load_table(
     image_column: str = "image",
     label_column: str | None = None,
     caption_column: str | None = None,
+    num_classes: int | None = None,
+    multilabel: bool = False,
 ) -> Samples:
-    """Load a classification (``label_column``) or retrieval (``caption_column``) table."""
+    """Load a classification (``label_column``) or retrieval (``caption_column``) table.
+
+    Multi-label tables hold a list of class indices per row (a JSON list in a CSV cell); targets are
+    then an (N, num_classes) 0/1 matrix.
+    """
     if not table.is_file():
         raise ClipbenchError(f"Table file {table} does not exist.")
     rows = _read_rows(table)
@@ -86,9 +92,19 @@ def load_table(
         )
     names = [str(row[image_column]) for row in rows]
     try:
-        labels = np.asarray([int(row[label_column]) for row in rows], dtype=np.int64)
-    except (TypeError, ValueError):
-        raise ClipbenchError(f"Column '{label_column}' of {table} must hold integer class indices.") from None
+        if multilabel:
+            if num_classes is None:
+                raise ClipbenchError(f"{table}: a multi-label table needs the spec's num_classes.")
+            labels = np.zeros((len(rows), num_classes), dtype=np.uint8)
+            for i, row in enumerate(rows):
+                value = row[label_column]
+                indices = json.loads(value) if isinstance(value, str) else value
+                labels[i, [int(v) for v in indices]] = 1
+        else:
+            labels = np.asarray([int(row[label_column]) for row in rows], dtype=np.int64)
+    except (TypeError, ValueError, IndexError):
+        kind = "lists of class indices" if multilabel else "integer class indices"
+        raise ClipbenchError(f"Column '{label_column}' of {table} must hold {kind} below num_classes.") from None
     return Samples(
         load_image=FileImageLoader([base / n for n in names]),
         size=len(names),
