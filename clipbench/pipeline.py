@@ -6,6 +6,7 @@ see numpy arrays only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -101,7 +102,13 @@ def prompts_for(spec: DatasetSpec, config: RunConfig, data_root: Path) -> tuple[
 
 
 class Evaluator:
-    """Runs the requested tasks of one loaded model over dataset specs, writing one record each."""
+    """Runs the requested tasks of one loaded model over dataset specs, writing one record each.
+
+    ``encoder``, when given, encodes a split's images on a cache miss; it is called as
+    ``encoder(model, samples, spec=, role=, batch_size=, workers=, desc=)`` and returns what
+    :func:`clipbench.features.encode_image_batches` does (``torchrun`` runs pass
+    :meth:`clipbench.distributed.DistContext.encode`, which shards the split across ranks).
+    """
 
     def __init__(self, model: Any, config: RunConfig, *, encoder: Callable | None = None,
                  is_writer: bool = True):
@@ -121,7 +128,8 @@ class Evaluator:
         samples = self._samples(spec, role)
         feats = image_features(self.model, spec, role, samples, self.cache,
                                batch_size=self.config.batch_size, workers=self.config.workers,
-                               encoder=self.encoder)
+                               encoder=functools.partial(self.encoder, spec=spec, role=role)
+                               if self.encoder is not None else None)
         return feats, samples
 
     # -- orchestration -----------------------------------------------------------------------
@@ -197,43 +205,42 @@ class Evaluator:
                      "per_class": result.per_class}
         return record, per_class
 
-    def _probe_arrays(self, spec: DatasetSpec):
-        """Train / val / test features for probes; val carved from train when the spec has none."""
-        from .tasks.linear_probe import stratified_val_split
-
-        kind = self.config.probe_features
-        pick = (lambda f: f.pre_projection) if kind == "pre_projection" else (lambda f: f.projected)
+    def _probe_features(self, spec: DatasetSpec):
+        """Train, val (None when the spec has no val split) and test features for probes."""
+        pick = (lambda f: f.pre_projection) if self.config.probe_features == "pre_projection" else (
+            lambda f: f.projected)
         train, _ = self._features(spec, "train")
         test, _ = self._features(spec, "test")
-        if spec.split("val") is not None:
-            val, _ = self._features(spec, "val")
-            arrays = (pick(train), train.targets, pick(val), val.targets)
-            val_source = "spec split"
-        else:
-            strat = train.targets if train.targets.ndim == 1 else train.targets.argmax(1)
-            tr_idx, va_idx = stratified_val_split(strat, spec.val_fraction, self.config.seed)
-            x = pick(train)
-            arrays = (x[tr_idx], train.targets[tr_idx], x[va_idx], train.targets[va_idx])
-            val_source = f"stratified {spec.val_fraction:.0%} of train (seed {self.config.seed})"
-        seconds = train.seconds + test.seconds
-        return arrays, (pick(test), test.targets), val_source, train.pre_projection_kind, seconds
+        val = self._features(spec, "val")[0] if spec.split("val") is not None else None
+        seconds = train.seconds + test.seconds + (val.seconds if val is not None else 0.0)
+        kind = self.config.probe_features
+        if kind == "pre_projection":
+            kind = train.pre_projection_kind  # "embedding" for towers without a separate projection
+        arrays = {
+            "train": (pick(train), train.targets),
+            "val": (pick(val), val.targets) if val is not None else None,
+            "test": (pick(test), test.targets),
+        }
+        return arrays, kind, seconds
 
     def _run_linear_probe(self, spec: DatasetSpec):
-        from .tasks.linear_probe import linear_probe
+        from .tasks.linear_probe import linear_probe, stratified_val_split
 
-        (tx, ty, vx, vy), (sx, sy), val_source, kind, feat_s = self._probe_arrays(spec)
+        arrays, kind, feat_s = self._probe_features(spec)
+        (tx, ty), (sx, sy) = arrays["train"], arrays["test"]
+        if arrays["val"] is not None:
+            (vx, vy), val_source = arrays["val"], "the dataset's validation split"
+        else:
+            tr, va = stratified_val_split(ty, spec.val_fraction, self.config.seed)
+            tx, ty, vx, vy = tx[tr], ty[tr], tx[va], ty[va]
+            val_source = f"stratified {spec.val_fraction:g} of train (seed {self.config.seed})"
         t0 = time.perf_counter()
         result = linear_probe(tx, ty, vx, vy, sx, sy, primary_metric=spec.primary_metric,
                               multilabel=spec.multilabel, solver=self.config.probe_solver,
-                              device=str(self.model.device), seed=self.config.seed)
-        feature_kind = self.config.probe_features
-        if feature_kind == "pre_projection":
-            feature_kind = kind
+                              device=str(self.model.device), num_classes=spec.num_classes)
+        details = {**result.record_details(), "feature_kind": kind, "validation": val_source}
         record = self._record(
-            spec, "linear_probe", "test", result.metrics, len(sy),
-            details={"C": result.C, "sweep": {f"{c:.6g}": s for c, s in sorted(result.sweep.items())},
-                     "feature_kind": feature_kind, "validation": val_source,
-                     "n_train": int(len(ty)), "n_val": int(len(vy))},
+            spec, "linear_probe", "test", result.metrics, len(sy), details=details,
             seconds={"features": round(feat_s, 3), "task": round(time.perf_counter() - t0, 3)},
         )
         return record, None
@@ -241,19 +248,21 @@ class Evaluator:
     def _run_few_shot(self, spec: DatasetSpec):
         from .tasks.linear_probe import few_shot
 
-        (tx, ty, vx, vy), (sx, sy), val_source, kind, feat_s = self._probe_arrays(spec)
+        arrays, kind, feat_s = self._probe_features(spec)
+        (tx, ty), (sx, sy) = arrays["train"], arrays["test"]
+        vx, vy = arrays["val"] if arrays["val"] is not None else (None, None)
         t0 = time.perf_counter()
-        result = few_shot(tx, ty, vx, vy, sx, sy, ks=tuple(self.config.few_shot_k),
-                          seeds=tuple(range(self.config.few_shot_seeds)),
-                          primary_metric=spec.primary_metric, multilabel=spec.multilabel,
-                          solver=self.config.probe_solver, device=str(self.model.device))
-        metrics = {f"{spec.primary_metric}@{k}shot": v["mean"] for k, v in result.per_k.items()}
-        largest = max(result.per_k)
-        metrics[spec.primary_metric] = result.per_k[largest]["mean"]
+        result = few_shot(tx, ty, sx, sy, primary_metric=spec.primary_metric,
+                          ks=tuple(self.config.few_shot_k), seeds=tuple(range(self.config.few_shot_seeds)),
+                          val_x=vx, val_y=vy, val_fraction=spec.val_fraction, split_seed=self.config.seed,
+                          solver=self.config.probe_solver, device=str(self.model.device),
+                          num_classes=spec.num_classes)
+        metrics = {f"{spec.primary_metric}@{k}shot": r.mean for k, r in result.per_k.items()}
+        metrics[spec.primary_metric] = result.per_k[max(result.per_k)].mean
+        details = {**result.record_details(), "feature_kind": kind,
+                   "primary_is_largest_k": int(max(result.per_k))}
         record = self._record(
-            spec, "few_shot", "test", metrics, len(sy),
-            details={"k": {str(k): v for k, v in result.per_k.items()}, "validation": val_source,
-                     "c_selection": result.c_selection, "feature_kind": self.config.probe_features},
+            spec, "few_shot", "test", metrics, len(sy), details=details,
             seconds={"features": round(feat_s, 3), "task": round(time.perf_counter() - t0, 3)},
         )
         return record, None

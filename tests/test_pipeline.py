@@ -1,0 +1,183 @@
+"""The whole path spec -> adapter -> features (cached) -> task -> record, against direct open_clip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clipbench import specs
+from clipbench.features import FeatureCache, image_cache_key
+from clipbench.models import load_model
+from clipbench.pipeline import Evaluator, RunConfig
+
+SPEC = """
+name: colours
+title: Colours
+tasks: [zeroshot, linear_probe]
+primary_metric: accuracy
+num_classes: 3
+source:
+  type: imagefolder
+  path: {root}
+splits:
+  train: train
+  test: test
+classnames: [red, green, blue]
+templates: ["a photo of a {{c}}.", "a {{c}} picture."]
+"""
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return load_model("ViT-S-32-alt", "none", device="cpu", precision="fp32")
+
+
+@pytest.fixture
+def spec_file(imagefolder_root, tmp_path) -> Path:
+    path = tmp_path / "colours.yaml"
+    path.write_text(textwrap.dedent(SPEC.format(root=imagefolder_root)))
+    return path
+
+
+def config_for(tmp_path: Path, **kw) -> RunConfig:
+    return RunConfig(data_root=tmp_path / "data", output=tmp_path / "out", cache_dir=tmp_path / "cache",
+                     batch_size=4, workers=0, device="cpu", precision="fp32", n_bootstrap=200, **kw)
+
+
+def direct_zeroshot_accuracy(model, root: Path) -> tuple[int, int]:
+    """Independent computation: open_clip's own encoders, numpy prompt ensembling, argmax."""
+    from PIL import Image
+
+    files = sorted(p for p in (root / "test").rglob("*.png"))
+    labels = np.array([["a_red", "b_green", "c_blue"].index(p.parent.name) for p in files])
+    net = model.model
+    with torch.no_grad():
+        pixels = torch.stack([model.preprocess(Image.open(p).convert("RGB")) for p in files])
+        img = net.encode_image(pixels).numpy()
+        img /= np.linalg.norm(img, axis=1, keepdims=True)
+        weights = []
+        for name in ("red", "green", "blue"):
+            tokens = model.tokenizer([f"a photo of a {name}.", f"a {name} picture."])
+            t = net.encode_text(tokens).numpy()
+            t /= np.linalg.norm(t, axis=1, keepdims=True)
+            w = t.mean(0)
+            weights.append(w / np.linalg.norm(w))
+    predictions = (img @ np.stack(weights).T).argmax(1)
+    return int((predictions == labels).sum()), len(labels)
+
+
+def test_zeroshot_record_equals_direct_open_clip_computation(model, spec_file, imagefolder_root, tmp_path):
+    spec = specs.load_spec(str(spec_file))
+    records = Evaluator(model, config_for(tmp_path, tasks=["zeroshot"])).run([spec])
+    (record,) = records
+    correct, total = direct_zeroshot_accuracy(model, imagefolder_root)
+    assert record.n_samples == total
+    assert round(record.metrics["accuracy"] * total) == correct
+    assert record.metrics["accuracy"] == pytest.approx(correct / total, abs=1e-12)
+    lo, hi = record.confidence_intervals["accuracy"]
+    assert lo <= record.metrics["accuracy"] <= hi
+    stored = json.loads((tmp_path / "out" / "ViT-S-32-alt__none" / "colours" / "zeroshot.json").read_text())
+    assert stored["metrics"] == record.metrics and stored["primary_metric"] == "accuracy"
+    assert (tmp_path / "out" / "ViT-S-32-alt__none" / "colours" / "zeroshot.per_class.json").is_file()
+
+
+def test_second_run_uses_the_cache_and_recomputes_nothing(model, spec_file, tmp_path, monkeypatch):
+    spec = specs.load_spec(str(spec_file))
+    first = Evaluator(model, config_for(tmp_path, tasks=["zeroshot", "linear_probe"])).run([spec])
+
+    def no_model_calls(*args, **kwargs):
+        raise AssertionError("the model was called although every feature is cached")
+
+    monkeypatch.setattr(model, "encode_images", no_model_calls)
+    monkeypatch.setattr(model, "encode_texts", no_model_calls)
+    again = Evaluator(model, config_for(tmp_path, tasks=["zeroshot", "linear_probe"], force=True)).run([spec])
+    assert [r.metrics for r in again] == [r.metrics for r in first]
+    # without --force the records themselves are reused
+    reused = Evaluator(model, config_for(tmp_path, tasks=["zeroshot"])).run([spec])
+    assert reused[0].created == again[0].created
+
+
+def test_cache_key_changes_with_every_part_that_changes_features(model, spec_file, imagefolder_root, tmp_path):
+    from clipbench.data import load_split
+
+    spec = specs.load_spec(str(spec_file))
+    samples = load_split(spec, "test", tmp_path, tmp_path)
+    base = FeatureCache.digest(image_cache_key(model, spec, "test", samples))
+    assert FeatureCache.digest(image_cache_key(model, spec, "test", samples)) == base
+
+    class Variant:
+        def __init__(self, **changes):
+            self.__dict__.update({k: getattr(model, k) for k in
+                                  ("name", "pretrained", "weights_digest", "precision", "preprocess")})
+            self.__dict__.update(changes)
+
+    variants = [Variant(weights_digest="other"), Variant(precision="bf16"), Variant(name="ViT-B-32"),
+                Variant(pretrained="laion"), Variant(preprocess="Resize(64)")]
+    keys = {FeatureCache.digest(image_cache_key(v, spec, "test", samples)) for v in variants}
+    keys.add(FeatureCache.digest(image_cache_key(model, spec, "train", load_split(spec, "train", tmp_path, tmp_path))))
+    moved = spec_file.read_text().replace("test: test", "test: train")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "colours.yaml").write_text(moved)
+    spec2 = specs.load_spec(str(tmp_path / "b" / "colours.yaml"))
+    keys.add(FeatureCache.digest(image_cache_key(model, spec2, "test", load_split(spec2, "test", tmp_path, tmp_path))))
+    (imagefolder_root / "test" / "a_red" / "000.png").unlink()
+    keys.add(FeatureCache.digest(image_cache_key(model, spec, "test", load_split(spec, "test", tmp_path, tmp_path))))
+    assert base not in keys and len(keys) == len(variants) + 3
+
+
+def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "clipbench", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_cli_offline_pretrained_weights_fail_fast_with_the_fix(tmp_path):
+    start = time.perf_counter()
+    proc = run_cli("run", "--model", "ViT-B/32", "--datasets", "cifar10", "--cache-dir", str(tmp_path))
+    elapsed = time.perf_counter() - start
+    assert proc.returncode != 0 and elapsed < 10
+    assert "Traceback" not in proc.stderr
+    assert "--pretrained" in proc.stderr
+
+
+def test_cli_unknown_dataset_and_model_list_close_matches(spec_file, tmp_path):
+    proc = run_cli("run", "--model", "ViT-S-32-alt", "--pretrained", "none", "--datasets", "colour",
+                   "--cache-dir", str(tmp_path))
+    assert proc.returncode != 0 and "Unknown dataset 'colour'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("run", "--model", "ViT-S-32-alts", "--datasets", str(spec_file), "--cache-dir", str(tmp_path))
+    assert proc.returncode != 0 and "ViT-S-32-alt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_bad_spec_names_file_and_field(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: broken\ntasks: [zeroshot]\nprimary_metric: accuracy\n")
+    proc = run_cli("datasets", "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)
+    proc = run_cli("run", "--model", "ViT-S-32-alt", "--pretrained", "none", "--datasets", str(bad),
+                   "--cache-dir", str(tmp_path))
+    assert proc.returncode != 0 and str(bad) in proc.stderr and "field 'source'" in proc.stderr
+
+
+def test_cli_run_with_local_checkpoint_writes_records(model, spec_file, tmp_path):
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(model.model.state_dict(), checkpoint)
+    out = tmp_path / "out"
+    proc = run_cli("run", "--model", "ViT-S-32-alt", "--pretrained", str(checkpoint), "--datasets", str(spec_file),
+                   "--tasks", "zeroshot", "--output", str(out), "--cache-dir", str(tmp_path / "c"),
+                   "--workers", "0", "--device", "cpu", "--precision", "fp32", "--batch-size", "8", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (path,) = list(out.rglob("zeroshot.json"))
+    record = json.loads(path.read_text())
+    assert record["model"] == "ViT-S-32-alt" and record["n_samples"] == 9
+    assert "zeroshot" in proc.stdout and "colours" in proc.stdout
