@@ -110,6 +110,7 @@ def _resolve_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from . import specs
+    from .distributed import DistContext, DistributedError
     from .models import load_model
     from .pipeline import DEFAULT_DATASETS, DEFAULT_MODEL, DEFAULT_PRETRAINED, Evaluator, RunConfig
 
@@ -136,16 +137,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     selected = specs.select(dataset_args)
     if not selected:
         raise ClipbenchError(f"No datasets matched {dataset_args}; `clipbench datasets` lists them.")
-    model = load_model(model_name, pretrained, device=args.device, precision=args.precision,
-                       cache_dir=cache, allow_download=not args.no_download)
-    evaluator = Evaluator(model, config)
-    records, failures = [], []
-    for spec in selected:
-        try:
-            records.extend(evaluator.run([spec]))
-        except ClipbenchError as exc:
-            failures.append((spec.name, str(exc)))
-            log.error("%s: %s", spec.name, exc)
+    # torchrun / srun: rank 0 runs the pipeline, the other ranks encode shards of its splits.
+    dist_ctx = DistContext.from_env(args.device)
+    try:
+        model = dist_ctx.main_first(lambda: load_model(
+            model_name, pretrained, device=dist_ctx.device(args.device), precision=args.precision,
+            cache_dir=cache, allow_download=not args.no_download))
+        dist_ctx.check_same_model(model)
+        if not dist_ctx.is_main:
+            dist_ctx.serve(model, config)
+            return 0
+        evaluator = Evaluator(model, config, encoder=dist_ctx.encode if dist_ctx.distributed else None)
+        records, failures = [], []
+        for spec in selected:
+            try:
+                records.extend(evaluator.run([spec]))
+            except DistributedError:
+                raise
+            except ClipbenchError as exc:
+                failures.append((spec.name, str(exc)))
+                log.error("%s: %s", spec.name, exc)
+    finally:
+        dist_ctx.close()
     if records:
         from .report import summary_table
 
@@ -193,10 +206,12 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from .models import list_models
+    from .models import model_table
 
-    rows = list_models()
-    print(tabulate(rows, headers="keys" if rows and isinstance(rows[0], dict) else ()))
+    rows = [(r.name, ", ".join(r.aliases), ", ".join(r.tags) or "(random init or --pretrained PATH)")
+            for r in model_table()]
+    print(tabulate(rows, headers=["model", "OpenAI alias", "pretrained tags"]))
+    print("\n--pretrained also takes hf-hub:ORG/REPO or a local checkpoint path.")
     return 0
 
 
