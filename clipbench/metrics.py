@@ -1,0 +1,571 @@
+"""Classification metrics of the CLIP paper (Table 9) and their bootstrap confidence intervals.
+
+Pure numpy functions: arrays in, Python floats out. All values are fractions in [0, 1] and never NaN;
+an undefined metric (no positive sample, a single class for ROC AUC, ...) raises
+:class:`~clipbench.errors.ClipbenchError` instead.
+
+Conventions shared by every function:
+
+* ``scores`` are real-valued (logits, similarities, probabilities); only their order matters.
+* Single-label ``targets`` are class indices, shape ``(N,)``, integers in ``[0, C)``.
+* Multi-label ``targets`` (VOC2007) are an ``(N, C)`` 0/1 matrix.
+* Ties in a row of ``scores`` are broken toward the lower class index, as ``np.argmax`` does: the
+  rank of the target class is the number of classes scored strictly higher plus the number of
+  lower-indexed classes scored equally. Top-1 accuracy therefore always agrees with the argmax
+  prediction used by mean per-class recall.
+* Ties between samples in the 11-point AP are ranked in their input order (a stable sort by
+  descending score, as the VOC devkit's sort); ROC AUC gives tied positive/negative pairs half credit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from clipbench.errors import ClipbenchError
+
+logger = logging.getLogger(__name__)
+
+#: Classification metric names accepted by :func:`compute_metric` (see docs/architecture.md).
+CLASSIFICATION_METRICS = (
+    "accuracy",
+    "top5_accuracy",
+    "mean_per_class_recall",
+    "map_11point",
+    "roc_auc",
+    "mean_top1_top5",
+)
+_MULTILABEL_METRICS = ("map_11point",)
+
+# Bootstrap resamples are processed in chunks of about this many (resample, sample) cells, which
+# bounds the temporary arrays to a few tens of MB whatever N is.
+_BOOTSTRAP_CHUNK_CELLS = 1_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# input validation
+
+
+def _as_scores(scores: np.ndarray, ndim: int, name: str = "scores") -> np.ndarray:
+    scores = np.asarray(scores)
+    if scores.ndim != ndim:
+        raise ClipbenchError(
+            f"{name} must be a {ndim}-D array, got shape {scores.shape}. "
+            + ("Pass one row of class scores per sample, shape (N, C)." if ndim == 2
+               else "Pass one score per sample, shape (N,).")
+        )
+    if not np.issubdtype(scores.dtype, np.floating):
+        scores = scores.astype(np.float64)
+    if scores.shape[0] == 0:
+        raise ClipbenchError(f"{name} is empty: a metric needs at least one sample.")
+    if not np.isfinite(scores).all():
+        raise ClipbenchError(
+            f"{name} contains NaN or infinite values; check the features and classifier weights "
+            "(e.g. a zero-norm embedding or an fp16 overflow) before computing metrics."
+        )
+    return scores
+
+
+def _check_single_label(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate (N, C) scores and (N,) integer targets in [0, C); returns (scores, int64 targets)."""
+    scores = _as_scores(scores, 2)
+    targets = np.asarray(targets)
+    if targets.ndim != 1 or targets.shape[0] != scores.shape[0]:
+        raise ClipbenchError(
+            f"targets must have shape (N,) = ({scores.shape[0]},) to match scores {scores.shape}, "
+            f"got {targets.shape}. Multi-label targets (N, C) are only valid for map_11point."
+        )
+    if not (np.issubdtype(targets.dtype, np.integer) or np.issubdtype(targets.dtype, np.bool_)):
+        raise ClipbenchError(
+            f"targets must be integer class indices, got dtype {targets.dtype}; convert labels to "
+            "indices into the class list first."
+        )
+    targets = targets.astype(np.int64)
+    num_classes = scores.shape[1]
+    if targets.min() < 0 or targets.max() >= num_classes:
+        raise ClipbenchError(
+            f"targets must lie in [0, {num_classes}) (one column of scores per class), got values "
+            f"in [{targets.min()}, {targets.max()}]. Check the class list, or pass class_subset "
+            "targets as indices into the subset."
+        )
+    return scores, targets
+
+
+def _check_binary(scores: np.ndarray, targets: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate (N,) scores and (N,) 0/1 targets; returns (scores, bool targets)."""
+    scores = _as_scores(scores, 1)
+    targets = np.asarray(targets)
+    if targets.shape != scores.shape:
+        raise ClipbenchError(
+            f"{name}: targets must have the same shape as scores {scores.shape}, got {targets.shape}."
+        )
+    if not np.isin(targets, (0, 1)).all():
+        raise ClipbenchError(
+            f"{name}: targets must be 0/1 (negative/positive), got values {np.unique(targets)[:10]}."
+        )
+    return scores, targets.astype(bool)
+
+
+def _check_multilabel(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate (N, C) scores and an (N, C) 0/1 target matrix; returns (scores, bool targets)."""
+    scores = _as_scores(scores, 2)
+    targets = np.asarray(targets)
+    if targets.shape != scores.shape:
+        raise ClipbenchError(
+            f"multi-label targets must be an (N, C) 0/1 matrix of the same shape as scores "
+            f"{scores.shape}, got {targets.shape}. Single-label datasets use accuracy-type metrics."
+        )
+    if not np.isin(targets, (0, 1)).all():
+        raise ClipbenchError("multi-label targets must contain only 0 and 1.")
+    return scores, targets.astype(bool)
+
+
+# --------------------------------------------------------------------------------------------
+# single-label metrics
+
+
+def _target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """0-based rank of each target class in its row of ``scores``; ties go to the lower index.
+
+    Args:
+        scores: (N, C) float.
+        targets: (N,) int64 in [0, C).
+
+    Returns:
+        (N,) int64; 0 means the target is the argmax prediction.
+    """
+    target_scores = np.take_along_axis(scores, targets[:, None], axis=1)
+    higher = (scores > target_scores).sum(axis=1)
+    tied_before = ((scores == target_scores) & (np.arange(scores.shape[1]) < targets[:, None])).sum(axis=1)
+    return higher + tied_before
+
+
+def topk_accuracy(scores: np.ndarray, targets: np.ndarray, k: int = 1) -> float:
+    """Fraction of samples whose target class is among the ``k`` highest-scored classes.
+
+    Args:
+        scores: (N, C) float class scores.
+        targets: (N,) int class indices in [0, C).
+        k: 1 <= k <= C.
+
+    Returns:
+        Top-k accuracy in [0, 1]. Ties are broken toward the lower class index (module docstring).
+    """
+    scores, targets = _check_single_label(scores, targets)
+    if not 1 <= k <= scores.shape[1]:
+        raise ClipbenchError(
+            f"top-{k} accuracy needs 1 <= k <= number of classes ({scores.shape[1]}); "
+            "top5_accuracy is only reported for datasets with more than 5 classes."
+        )
+    return float(np.mean(_target_ranks(scores, targets) < k))
+
+
+def mean_top1_top5(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean of top-1 and top-5 accuracy (the paper's Kinetics700 metric).
+
+    Args:
+        scores: (N, C) float with C >= 5.
+        targets: (N,) int in [0, C).
+    """
+    return 0.5 * (topk_accuracy(scores, targets, 1) + topk_accuracy(scores, targets, 5))
+
+
+def per_class_recall(scores: np.ndarray, targets: np.ndarray, num_classes: int) -> list[dict]:
+    """Recall of the argmax prediction for each class, JSON-ready.
+
+    Args:
+        scores: (N, num_classes) float.
+        targets: (N,) int in [0, num_classes).
+        num_classes: number of classes C (columns of ``scores``).
+
+    Returns:
+        One dict per class, in class order: ``{"class": i, "n": number of test samples of class i,
+        "recall": float in [0, 1], or None when class i has no test sample}``.
+    """
+    scores, targets = _check_single_label(scores, targets)
+    if scores.shape[1] != num_classes:
+        raise ClipbenchError(
+            f"scores have {scores.shape[1]} columns but num_classes is {num_classes}; they must agree."
+        )
+    predictions = np.argmax(scores, axis=1)
+    counts = np.bincount(targets, minlength=num_classes)
+    hits = np.bincount(targets, weights=predictions == targets, minlength=num_classes)
+    return [
+        {"class": c, "n": int(counts[c]), "recall": float(hits[c] / counts[c]) if counts[c] else None}
+        for c in range(num_classes)
+    ]
+
+
+def mean_per_class_recall(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean over the classes present in ``targets`` of the recall of the argmax prediction.
+
+    Equals ``sklearn.metrics.balanced_accuracy_score(targets, scores.argmax(1))``: classes with no
+    test sample are left out of the mean (they have no recall), even when they are predicted.
+
+    Args:
+        scores: (N, C) float.
+        targets: (N,) int in [0, C).
+    """
+    scores, targets = _check_single_label(scores, targets)
+    correct = np.argmax(scores, axis=1) == targets
+    counts = np.bincount(targets, minlength=scores.shape[1])
+    hits = np.bincount(targets, weights=correct, minlength=scores.shape[1])
+    present = counts > 0
+    return float(np.mean(hits[present] / counts[present]))
+
+
+# --------------------------------------------------------------------------------------------
+# ranking metrics
+
+
+def _eleven_point_ap(tp: np.ndarray, retrieved: np.ndarray, num_positives: np.ndarray) -> np.ndarray:
+    """11-point interpolated AP from cumulative counts along the ranking.
+
+    Args:
+        tp: (R, N) float, cumulative (weighted) count of true positives at each rank.
+        retrieved: (R, N) float, cumulative (weighted) count of samples at each rank.
+        num_positives: (R,) float, total positive weight of each row (> 0).
+
+    Returns:
+        (R,) float64 AP. Recall thresholds t = i / 10 are compared as ``10 * tp >= i * P`` on the
+        integer-valued counts, so a recall exactly equal to a threshold always counts (the VOC
+        devkit's floating-point ``np.arange(0, 1.1, 0.1)`` can miss it by one ulp).
+    """
+    tp = tp.astype(np.float64, copy=False)
+    precision = np.divide(tp, retrieved, out=np.zeros_like(tp), where=retrieved > 0)
+    # reversed_max[r, N - 1 - j] = max precision over ranks >= j; recall is non-decreasing along
+    # the ranking, so "recall >= t" selects a suffix starting at the first rank that reaches t.
+    reversed_max = np.maximum.accumulate(precision[:, ::-1], axis=1).ravel()
+    num_rows, num_ranks = tp.shape
+    # One searchsorted over all rows: key = 20 * row + 10 * recall is non-decreasing when
+    # flattened. 10 * tp / P is exact when it equals an integer i and otherwise at least 1 / P
+    # away from it, far more than the rounding error, so ">= i" is decided exactly.
+    row_offset = 20.0 * np.arange(num_rows)
+    key = (row_offset[:, None] + 10.0 * tp / num_positives[:, None]).ravel()
+    queries = row_offset[:, None] + np.arange(11.0)
+    first = np.searchsorted(key, queries, side="left")
+    row_end = (np.arange(1, num_rows + 1) * num_ranks)[:, None]
+    reached = first < row_end
+    # flat index of rank j of row r in reversed_max: r * N + (N - 1 - j) = row_end - 1 - (first - r * N)
+    mirrored = 2 * row_end - num_ranks - 1 - first
+    values = np.where(reached, reversed_max[np.clip(mirrored, 0, key.size - 1)], 0.0)
+    return values.mean(axis=1)
+
+
+def average_precision_11point(scores: np.ndarray, targets: np.ndarray) -> float:
+    """PASCAL VOC2007 11-point interpolated average precision of one class.
+
+    AP = mean over t in {0, 0.1, ..., 1} of the maximum precision over ranks whose recall is
+    >= t (0 when no rank reaches t). Samples are ranked by descending score with a stable sort, so
+    tied samples keep their input order (the VOC devkit's rule).
+
+    Args:
+        scores: (N,) float.
+        targets: (N,) 0/1, at least one 1.
+    """
+    scores, targets = _check_binary(scores, targets, "average_precision_11point")
+    if not targets.any():
+        raise ClipbenchError(
+            "average_precision_11point is undefined without a positive sample; leave such classes "
+            "out (map_11point does)."
+        )
+    ranked = targets[np.argsort(-scores, kind="stable")]
+    tp = np.cumsum(ranked, dtype=np.float64)[None]
+    retrieved = np.arange(1.0, ranked.size + 1)[None]
+    return float(_eleven_point_ap(tp, retrieved, tp[:, -1])[0])
+
+
+def per_class_ap(scores: np.ndarray, targets: np.ndarray) -> list[dict]:
+    """11-point AP of each class of a multi-label problem, JSON-ready.
+
+    Args:
+        scores: (N, C) float.
+        targets: (N, C) 0/1.
+
+    Returns:
+        One dict per class: ``{"class": i, "n": number of positives, "ap": float, or None when the
+        class has no positive}``.
+    """
+    scores, targets = _check_multilabel(scores, targets)
+    result = []
+    for c in range(scores.shape[1]):
+        n = int(targets[:, c].sum())
+        ap = average_precision_11point(scores[:, c], targets[:, c]) if n else None
+        result.append({"class": c, "n": n, "ap": ap})
+    return result
+
+
+def map_11point(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean 11-point AP over the classes that have at least one positive (VOC2007 mAP).
+
+    Args:
+        scores: (N, C) float.
+        targets: (N, C) 0/1.
+    """
+    aps = [entry["ap"] for entry in per_class_ap(scores, targets) if entry["ap"] is not None]
+    if not aps:
+        raise ClipbenchError("map_11point is undefined: no class has a positive sample.")
+    return float(np.mean(aps))
+
+
+def roc_auc(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a random positive > score of a random negative).
+
+    Tied positive/negative pairs count one half (Mann-Whitney U with average ranks); equals
+    ``sklearn.metrics.roc_auc_score``. For (N, 2) classifier scores pass
+    ``scores[:, 1] - scores[:, 0]`` (or use ``compute_metric("roc_auc", ...)``).
+
+    Args:
+        scores: (N,) float, higher means more likely positive.
+        targets: (N,) 0/1 with both values present.
+    """
+    scores, targets = _check_binary(scores, targets, "roc_auc")
+    num_pos = int(targets.sum())
+    num_neg = targets.size - num_pos
+    if num_pos == 0 or num_neg == 0:
+        raise ClipbenchError(
+            "roc_auc needs both positive and negative samples; the evaluated split has only one class."
+        )
+    _, group, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    # average 1-based rank of each group of tied scores
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0
+    rank_sum = average_rank[group.ravel()][targets].sum()
+    return float((rank_sum - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+
+
+def _prepare(name: str, scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate inputs for metric ``name``; (N, 2) scores for roc_auc become scores[:, 1] - scores[:, 0]."""
+    if name not in CLASSIFICATION_METRICS:
+        raise ClipbenchError(
+            f"unknown classification metric {name!r}; expected one of {', '.join(CLASSIFICATION_METRICS)}."
+        )
+    if name == "map_11point":
+        return _check_multilabel(scores, targets)
+    if name == "roc_auc":
+        scores = np.asarray(scores)
+        if scores.ndim == 2:
+            if scores.shape[1] != 2:
+                raise ClipbenchError(
+                    f"roc_auc is a binary metric: scores must be (N,) or (N, 2), got {scores.shape}."
+                )
+            scores = scores[:, 1].astype(np.float64) - scores[:, 0]
+        return _check_binary(scores, targets, "roc_auc")
+    return _check_single_label(scores, targets)
+
+
+def compute_metric(name: str, scores: np.ndarray, targets: np.ndarray) -> float:
+    """Compute classification metric ``name`` (one of :data:`CLASSIFICATION_METRICS`).
+
+    Args:
+        name: metric name from docs/architecture.md.
+        scores: (N, C) float; for ``roc_auc`` also (N,) scores of the positive class, and (N, 2)
+            scores are reduced to ``scores[:, 1] - scores[:, 0]`` (class 1 is positive).
+        targets: (N,) int class indices, or (N, C) 0/1 for ``map_11point``.
+    """
+    scores, targets = _prepare(name, scores, targets)
+    if name == "accuracy":
+        return topk_accuracy(scores, targets, 1)
+    if name == "top5_accuracy":
+        return topk_accuracy(scores, targets, 5)
+    if name == "mean_per_class_recall":
+        return mean_per_class_recall(scores, targets)
+    if name == "map_11point":
+        return map_11point(scores, targets)
+    if name == "roc_auc":
+        return roc_auc(scores, targets)
+    return mean_top1_top5(scores, targets)
+
+
+def classification_metrics(
+    scores: np.ndarray, targets: np.ndarray, primary_metric: str, multilabel: bool = False
+) -> dict[str, float]:
+    """The metrics recorded for a classification evaluation.
+
+    Single-label: ``primary_metric`` plus ``accuracy``, ``top5_accuracy`` (only when C > 5) and
+    ``mean_per_class_recall``. Multi-label: ``map_11point`` (the only multi-label metric).
+
+    Args:
+        scores: (N, C) float.
+        targets: (N,) int, or (N, C) 0/1 when ``multilabel``.
+        primary_metric: the dataset's metric name (docs/architecture.md).
+        multilabel: whether ``targets`` is a 0/1 matrix.
+
+    Returns:
+        name -> value in [0, 1], never NaN; the primary metric first.
+    """
+    if multilabel != (primary_metric in _MULTILABEL_METRICS):
+        raise ClipbenchError(
+            f"primary metric {primary_metric!r} does not fit a "
+            f"{'multi' if multilabel else 'single'}-label dataset; multi-label datasets use "
+            "map_11point and single-label datasets any other classification metric. Fix the "
+            "dataset spec's primary_metric or multilabel field."
+        )
+    names = [primary_metric]
+    if not multilabel:
+        names += ["accuracy"] + (["top5_accuracy"] if np.shape(scores)[1] > 5 else []) + ["mean_per_class_recall"]
+    return {name: compute_metric(name, scores, targets) for name in dict.fromkeys(names)}
+
+
+# --------------------------------------------------------------------------------------------
+# bootstrap
+
+
+def resample_indices(n_samples: int, n_resamples: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Bootstrap resamples of ``range(n_samples)``, in chunks of rows.
+
+    Draws with ``np.random.default_rng(seed).integers(0, n_samples, (rows, n_samples))`` chunk by
+    chunk (the chunk size depends only on ``n_samples``) and sorts each row, so a resample lists its
+    samples in input order: order-dependent tie rules (11-point AP) see ties as in the full data.
+
+    Yields:
+        (rows, n_samples) int64 arrays; rows sum to ``n_resamples``.
+    """
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _BOOTSTRAP_CHUNK_CELLS // max(n_samples, 1))
+    for start in range(0, n_resamples, chunk):
+        rows = min(chunk, n_resamples - start)
+        yield np.sort(rng.integers(0, n_samples, size=(rows, n_samples)), axis=1)
+
+
+def _row_bincount(values: np.ndarray, size: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Per-row bincount: (R, N) ints in [0, size) -> (R, size) counts (or summed weights)."""
+    offsets = values + size * np.arange(values.shape[0])[:, None]
+    flat_weights = None if weights is None else weights.ravel()
+    counts = np.bincount(offsets.ravel(), weights=flat_weights, minlength=size * values.shape[0])
+    return counts.reshape(values.shape[0], size)
+
+
+def _resampled_metric(name: str, scores: np.ndarray, targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A function mapping resample indices (R, N) to the metric on each resample (R,).
+
+    Exact equivalents of recomputing the metric on ``scores[idx[r]], targets[idx[r]]`` that reuse
+    one pass over the full data: accuracy-type metrics are means of a per-sample value; mean
+    per-class recall and ROC AUC come from per-resample class / tied-score-group counts; 11-point AP
+    from the resample multiplicities read along each class's fixed ranking. A resample where the
+    metric is undefined (e.g. one class only) gets NaN.
+    """
+    if name in ("accuracy", "top5_accuracy", "mean_top1_top5"):
+        ranks = _target_ranks(scores, targets)
+        top1, top5 = (ranks < 1).astype(np.float64), (ranks < 5).astype(np.float64)
+        per_sample = {"accuracy": top1, "top5_accuracy": top5, "mean_top1_top5": (top1 + top5) / 2.0}[name]
+        return lambda idx: per_sample[idx].mean(axis=1)
+
+    if name == "mean_per_class_recall":
+        correct = (np.argmax(scores, axis=1) == targets).astype(np.float64)
+        num_classes = scores.shape[1]
+
+        def mean_recall(idx: np.ndarray) -> np.ndarray:
+            counts = _row_bincount(targets[idx], num_classes)
+            hits = _row_bincount(targets[idx], num_classes, correct[idx])
+            recall = np.divide(hits, counts, out=np.zeros_like(hits), where=counts > 0)
+            return recall.sum(axis=1) / (counts > 0).sum(axis=1)
+
+        return mean_recall
+
+    if name == "roc_auc":
+        _, group = np.unique(scores, return_inverse=True)
+        group = group.ravel()  # ascending index of each sample's tied-score group
+        num_groups = int(group.max()) + 1
+        positive = targets.astype(np.float64)
+
+        def auc(idx: np.ndarray) -> np.ndarray:
+            positives = _row_bincount(group[idx], num_groups, positive[idx])
+            negatives = _row_bincount(group[idx], num_groups, 1.0 - positive[idx])
+            negatives_below = np.cumsum(negatives, axis=1) - negatives
+            wins = (positives * (negatives_below + 0.5 * negatives)).sum(axis=1)
+            pairs = positives.sum(axis=1) * negatives.sum(axis=1)
+            return np.divide(wins, pairs, out=np.full_like(wins, np.nan), where=pairs > 0)
+
+        return auc
+
+    # map_11point
+    orders = [np.argsort(-scores[:, c], kind="stable") for c in range(scores.shape[1])]
+
+    def mean_ap(idx: np.ndarray) -> np.ndarray:
+        multiplicity = _row_bincount(idx, scores.shape[0]).astype(np.float64)
+        aps = np.full((idx.shape[0], scores.shape[1]), np.nan)
+        for c, order in enumerate(orders):
+            ranked = multiplicity[:, order]
+            tp = np.cumsum(ranked * targets[order, c], axis=1)
+            has_positive = tp[:, -1] > 0
+            if has_positive.all():
+                aps[:, c] = _eleven_point_ap(tp, np.cumsum(ranked, axis=1), tp[:, -1])
+            elif has_positive.any():
+                retrieved = np.cumsum(ranked[has_positive], axis=1)
+                aps[has_positive, c] = _eleven_point_ap(tp[has_positive], retrieved, tp[has_positive, -1])
+        defined = ~np.isnan(aps)
+        sums = np.where(defined, aps, 0.0).sum(axis=1)
+        count = defined.sum(axis=1)
+        return np.divide(sums, count, out=np.full_like(sums, np.nan), where=count > 0)
+
+    return mean_ap
+
+
+def bootstrap_distribution(
+    scores: np.ndarray, targets: np.ndarray, metric: str, n_resamples: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """Metric ``metric`` on each bootstrap resample (samples drawn with replacement).
+
+    Args:
+        scores, targets: as for :func:`compute_metric`.
+        metric: a name from :data:`CLASSIFICATION_METRICS`.
+        n_resamples: number of resamples R.
+        seed: seed of the resampling (:func:`resample_indices`).
+
+    Returns:
+        (R,) float64; NaN for resamples where the metric is undefined (e.g. ROC AUC of a resample
+        holding a single class).
+    """
+    scores, targets = _prepare(metric, scores, targets)
+    if n_resamples < 1:
+        raise ClipbenchError(f"n_resamples must be >= 1, got {n_resamples}.")
+    if metric in ("top5_accuracy", "mean_top1_top5") and scores.shape[1] < 5:
+        raise ClipbenchError(f"{metric} needs at least 5 classes, got {scores.shape[1]}.")
+    statistic = _resampled_metric(metric, scores, targets)
+    return np.concatenate([statistic(idx) for idx in resample_indices(scores.shape[0], n_resamples, seed)])
+
+
+def bootstrap_ci(
+    scores: np.ndarray,
+    targets: np.ndarray,
+    metric: str,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of a classification metric over test samples.
+
+    Args:
+        scores, targets: as for :func:`compute_metric`.
+        metric: a name from :data:`CLASSIFICATION_METRICS`.
+        n_resamples: number of resamples (1000 takes well under a second for accuracy-type
+            metrics at N = 50,000).
+        confidence: coverage in (0, 1), e.g. 0.95 for the 2.5th and 97.5th percentiles.
+        seed: makes the interval reproducible.
+
+    Returns:
+        (low, high) fractions in [0, 1]. Resamples where the metric is undefined are skipped.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ClipbenchError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}.")
+    statistics = bootstrap_distribution(scores, targets, metric, n_resamples, seed)
+    defined = statistics[~np.isnan(statistics)]
+    if defined.size == 0:
+        raise ClipbenchError(
+            f"{metric} is undefined on every bootstrap resample (too few samples of some class); "
+            "evaluate on more samples or disable confidence intervals (n_bootstrap=0)."
+        )
+    if defined.size < statistics.size:
+        logger.warning(
+            "%s undefined on %d of %d bootstrap resamples; they are skipped",
+            metric, statistics.size - defined.size, statistics.size,
+        )
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(defined, [alpha, 1.0 - alpha])
+    return float(low), float(high)

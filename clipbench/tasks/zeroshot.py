@@ -1,0 +1,175 @@
+"""Zero-shot classification with prompt ensembling (CLIP paper, Section 3.1.4).
+
+Arrays in, metrics out: the caller encodes the prompts from :func:`build_prompts` with the model
+(in large batches across classes, cached), and passes the text and image features here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from clipbench import metrics
+from clipbench.errors import ClipbenchError
+
+_PLACEHOLDERS = ("{c}", "{}")
+# Tolerance on the L2 norm of "normalized" image features: fp16/bf16 features are about 1e-3 off.
+_NORM_TOLERANCE = 1e-2
+
+
+@dataclass
+class ZeroShotResult:
+    """Outcome of :func:`evaluate`.
+
+    Attributes:
+        metrics: metric name -> value in [0, 1] (``metrics.classification_metrics``).
+        confidence_intervals: primary metric name -> (low, high) bootstrap interval; empty when
+            bootstrapping is disabled.
+        per_class: one JSON-ready dict per class: ``{"class", "n", "recall"}`` (single-label) or
+            ``{"class", "n", "ap"}`` (multi-label); the value is None for a class without test samples
+            (positives). With a class subset, ``class`` indexes the subset.
+        n_samples: number of evaluated images N.
+        logits: (N, C) float32 image-class cosine similarities when requested, else None.
+    """
+
+    metrics: dict[str, float]
+    confidence_intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    per_class: list[dict] = field(default_factory=list)
+    n_samples: int = 0
+    logits: np.ndarray | None = None
+
+
+def build_prompts(classnames: list[str], templates: list[str]) -> list[str]:
+    """Fill every template with every class name, class-major.
+
+    Args:
+        classnames: C class names.
+        templates: T templates, each with the placeholder ``{c}`` (or OpenAI-style ``{}``).
+
+    Returns:
+        C * T prompts: all templates for class 0, then all for class 1, ...; prompt ``c * T + t`` is
+        template ``t`` filled with class ``c``.
+    """
+    if not classnames or not templates:
+        raise ClipbenchError(
+            f"zero-shot needs at least one class name and one template, got {len(classnames)} "
+            f"class names and {len(templates)} templates; check the dataset spec's classnames and "
+            "templates files."
+        )
+    for template in templates:
+        if not any(placeholder in template for placeholder in _PLACEHOLDERS):
+            raise ClipbenchError(
+                f"prompt template {template!r} has no class-name placeholder; write `{{c}}` where "
+                "the class name goes, e.g. 'a photo of a {c}.'"
+            )
+    # str.replace, not str.format: templates may hold other braces, and either placeholder is accepted.
+    return [
+        template.replace("{c}", classname).replace("{}", classname)
+        for classname in classnames
+        for template in templates
+    ]
+
+
+def class_weights(prompt_features: np.ndarray, num_classes: int) -> np.ndarray:
+    """Zero-shot classifier weights by prompt ensembling.
+
+    Each prompt embedding is L2-normalized, the T embeddings of a class are averaged, and the mean
+    is L2-normalized again (the same math as ``open_clip.build_zero_shot_classifier``).
+
+    Args:
+        prompt_features: (C * T, D) float text embeddings in :func:`build_prompts` order.
+        num_classes: C.
+
+    Returns:
+        (D, C) float32 unit-norm columns; ``image_features @ weights`` gives cosine logits.
+    """
+    prompt_features = np.asarray(prompt_features, dtype=np.float64)
+    if prompt_features.ndim != 2 or num_classes < 1 or prompt_features.shape[0] % num_classes:
+        raise ClipbenchError(
+            f"prompt features of shape {prompt_features.shape} cannot be split into {num_classes} "
+            "classes with the same number of templates; pass a (C * T, D) array in build_prompts order."
+        )
+    norms = np.linalg.norm(prompt_features, axis=1, keepdims=True)
+    if not np.all(norms > 0) or not np.isfinite(prompt_features).all():
+        raise ClipbenchError(
+            "a prompt embedding is zero or not finite, so it cannot be normalized; check the text "
+            "encoder's output (precision overflow, empty prompts)."
+        )
+    per_class = (prompt_features / norms).reshape(num_classes, -1, prompt_features.shape[1]).mean(axis=1)
+    per_class /= np.linalg.norm(per_class, axis=1, keepdims=True)
+    return np.ascontiguousarray(per_class.T, dtype=np.float32)
+
+
+def evaluate(
+    image_features: np.ndarray,
+    weights: np.ndarray,
+    targets: np.ndarray,
+    primary_metric: str,
+    multilabel: bool = False,
+    class_subset: np.ndarray | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    keep_logits: bool = False,
+) -> ZeroShotResult:
+    """Score images against zero-shot class weights.
+
+    Args:
+        image_features: (N, D) float32, L2-normalized.
+        weights: (D, C) float32 from :func:`class_weights`.
+        targets: (N,) int class indices, or (N, C') 0/1 when ``multilabel``. With ``class_subset``
+            the indices (columns) refer to positions in the subset, not to the C classes.
+        primary_metric: the dataset's metric name (docs/architecture.md).
+        multilabel: whether ``targets`` is a 0/1 matrix (VOC2007).
+        class_subset: optional (C',) int indices of the columns of ``weights`` to keep, in subset
+            order. ImageNet-R/A evaluate a model's 1000-class ImageNet classifier restricted to their
+            200 classes: predictions are only made among the subset.
+        n_bootstrap: bootstrap resamples for the primary metric's confidence interval; 0 disables it.
+        seed: bootstrap seed.
+        keep_logits: return the (N, C') logits in the result.
+
+    Returns:
+        A :class:`ZeroShotResult`.
+    """
+    image_features = np.asarray(image_features, dtype=np.float32)
+    weights = np.asarray(weights, dtype=np.float32)
+    if image_features.ndim != 2 or weights.ndim != 2 or image_features.shape[1] != weights.shape[0]:
+        raise ClipbenchError(
+            f"image features {image_features.shape} and class weights {weights.shape} do not fit: "
+            "expected (N, D) and (D, C) with the same embedding size D, from the same model."
+        )
+    norms = np.linalg.norm(image_features, axis=1)
+    if image_features.shape[0] and np.max(np.abs(norms - 1.0)) > _NORM_TOLERANCE:
+        raise ClipbenchError(
+            "image features must be L2-normalized (unit rows): ranking metrics (roc_auc, map_11point) "
+            "compare scores across images. Pass the projected, normalized features."
+        )
+    if class_subset is not None:
+        class_subset = np.asarray(class_subset)
+        if (class_subset.ndim != 1 or not np.issubdtype(class_subset.dtype, np.integer)
+                or class_subset.size == 0 or class_subset.min() < 0
+                or class_subset.max() >= weights.shape[1]):
+            raise ClipbenchError(
+                f"class_subset must be a non-empty 1-D array of class indices in [0, {weights.shape[1]}) "
+                "(columns of the classifier); check the dataset spec's class_subset file."
+            )
+        weights = weights[:, class_subset]
+
+    logits = image_features @ weights
+    values = metrics.classification_metrics(logits, targets, primary_metric, multilabel)
+    intervals = {}
+    if n_bootstrap > 0:
+        intervals[primary_metric] = metrics.bootstrap_ci(
+            logits, targets, primary_metric, n_resamples=n_bootstrap, seed=seed
+        )
+    if multilabel:
+        per_class = metrics.per_class_ap(logits, targets)
+    else:
+        per_class = metrics.per_class_recall(logits, targets, logits.shape[1])
+    return ZeroShotResult(
+        metrics=values,
+        confidence_intervals=intervals,
+        per_class=per_class,
+        n_samples=int(logits.shape[0]),
+        logits=logits if keep_logits else None,
+    )

@@ -1,0 +1,279 @@
+"""Metrics against hand-computed cases and independent implementations (sklearn, exact fractions)."""
+
+import json
+import warnings
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score, top_k_accuracy_score
+
+from clipbench import metrics
+from clipbench.errors import ClipbenchError
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+def reference_ap_11point(scores, targets):
+    """VOC2007 11-point AP written out literally, with exact fractions for recall and precision."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # Python's sort is stable
+    num_positives = sum(int(targets[i]) for i in order)
+    tp = fp = 0
+    points = []  # (recall, precision) at each rank
+    for i in order:
+        tp += int(targets[i])
+        fp += 1 - int(targets[i])
+        points.append((Fraction(tp, num_positives), Fraction(tp, tp + fp)))
+    total = Fraction(0)
+    for i in range(11):
+        eligible = [precision for recall, precision in points if recall >= Fraction(i, 10)]
+        total += max(eligible) if eligible else 0
+    return float(total / 11)
+
+
+# ---------------------------------------------------------------- top-k accuracy
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_topk_accuracy_matches_sklearn(rng, k):
+    scores = rng.normal(size=(300, 7))
+    targets = rng.integers(0, 6, size=300)  # class 6 never occurs
+    expected = top_k_accuracy_score(targets, scores, k=k, labels=np.arange(7))
+    assert metrics.topk_accuracy(scores, targets, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_topk_accuracy_hand_computed_with_ties():
+    scores = np.array([
+        [0.1, 0.7, 0.2],  # target 1 is the argmax
+        [0.5, 0.5, 0.0],  # target 1 ties with class 0; the lower index ranks first
+        [0.3, 0.3, 0.3],  # target 0 wins a three-way tie
+        [0.9, 0.0, 0.1],  # target 1 is ranked last
+    ])
+    targets = np.array([1, 1, 0, 1])
+    assert metrics.topk_accuracy(scores, targets, 1) == 0.5
+    assert metrics.topk_accuracy(scores, targets, 2) == 0.75
+    assert metrics.topk_accuracy(scores, targets, 3) == 1.0
+    # the tie rule agrees with the argmax prediction used by mean per-class recall
+    assert metrics.topk_accuracy(scores, targets, 1) == np.mean(scores.argmax(1) == targets)
+
+
+def test_mean_top1_top5(rng):
+    scores = rng.normal(size=(200, 12))
+    targets = rng.integers(0, 12, size=200)
+    labels = np.arange(12)
+    expected = (top_k_accuracy_score(targets, scores, k=1, labels=labels)
+                + top_k_accuracy_score(targets, scores, k=5, labels=labels)) / 2
+    assert metrics.mean_top1_top5(scores, targets) == pytest.approx(expected, abs=1e-12)
+    assert metrics.compute_metric("mean_top1_top5", scores, targets) == pytest.approx(expected, abs=1e-12)
+
+
+# ---------------------------------------------------------------- per-class recall
+
+
+def test_mean_per_class_recall_matches_sklearn_with_absent_classes(rng):
+    scores = rng.normal(size=(250, 9))
+    scores[:, 3] += 0.5  # class 3 is predicted often but never occurs
+    targets = rng.choice([0, 1, 2, 4, 5, 6, 7, 8], size=250)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns about predicted classes absent from y_true
+        expected = balanced_accuracy_score(targets, scores.argmax(1))
+    assert metrics.mean_per_class_recall(scores, targets) == pytest.approx(expected, abs=1e-12)
+
+
+def test_per_class_recall_hand_computed():
+    scores = np.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 1.0], [0, 0, 1.0, 0]])
+    targets = np.array([0, 0, 1, 3, 3])  # class 2 absent
+    per_class = metrics.per_class_recall(scores, targets, num_classes=4)
+    assert per_class == [
+        {"class": 0, "n": 2, "recall": 0.5},
+        {"class": 1, "n": 1, "recall": 0.0},
+        {"class": 2, "n": 0, "recall": None},
+        {"class": 3, "n": 2, "recall": 0.5},
+    ]
+    assert "NaN" not in json.dumps(per_class)
+    assert metrics.mean_per_class_recall(scores, targets) == pytest.approx((0.5 + 0.0 + 0.5) / 3)
+
+
+# ---------------------------------------------------------------- 11-point AP
+
+
+def test_ap_11point_hand_computed():
+    # ranking: +, -, +, -, +  (3 positives)
+    # (recall, precision) per rank: (1/3, 1), (1/3, 1/2), (2/3, 2/3), (2/3, 1/2), (1, 3/5)
+    # t = 0, .1, .2, .3 -> max precision over all ranks = 1          (4 thresholds)
+    # t = .4, .5, .6    -> ranks with recall >= t: 3, 4, 5 -> 2/3    (3 thresholds)
+    # t = .7, .8, .9, 1 -> rank 5 only -> 3/5                        (4 thresholds)
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    targets = np.array([1, 0, 1, 0, 1])
+    expected = (4 * 1 + 3 * (2 / 3) + 4 * (3 / 5)) / 11
+    assert metrics.average_precision_11point(scores, targets) == pytest.approx(expected, abs=1e-12)
+    assert reference_ap_11point(scores, targets) == pytest.approx(expected, abs=1e-12)
+
+
+def test_ap_11point_recall_exactly_on_threshold():
+    # 10 positives; recall reaches exactly 0.3 at rank 3 with precision 1, then falls to 3/13 of
+    # precision until the end. A float grid (np.arange(0, 1.1, 0.1)[3] = 0.30000000000000004)
+    # would wrongly skip rank 3 for t = 0.3.
+    targets = np.array([1, 1, 1] + [0] * 10 + [1] * 7)
+    scores = -np.arange(targets.size, dtype=float)
+    ap = metrics.average_precision_11point(scores, targets)
+    assert ap == pytest.approx(reference_ap_11point(scores, targets), abs=1e-12)
+    # t = 0 .. 0.3 use precision 1 (4 thresholds); t = 0.4 .. 1 use the final rank, 10/20.
+    assert ap == pytest.approx((4 * 1 + 7 * 0.5) / 11, abs=1e-12)
+
+
+def test_ap_11point_ties_keep_input_order():
+    assert metrics.average_precision_11point(np.array([0.5, 0.5]), np.array([1, 0])) == 1.0
+    assert metrics.average_precision_11point(np.array([0.5, 0.5]), np.array([0, 1])) == 0.5
+
+
+def test_ap_11point_matches_reference_on_random_with_ties(rng):
+    for _ in range(20):
+        n = int(rng.integers(5, 60))
+        scores = np.round(rng.normal(size=n), 1)  # many ties
+        targets = rng.integers(0, 2, size=n)
+        targets[0] = 1
+        assert metrics.average_precision_11point(scores, targets) == pytest.approx(
+            reference_ap_11point(scores, targets), abs=1e-12
+        )
+
+
+def test_map_11point_skips_classes_without_positives(rng):
+    scores = rng.normal(size=(40, 4))
+    targets = rng.integers(0, 2, size=(40, 4))
+    targets[:, 2] = 0
+    expected = np.mean([reference_ap_11point(scores[:, c], targets[:, c]) for c in (0, 1, 3)])
+    assert metrics.map_11point(scores, targets) == pytest.approx(expected, abs=1e-12)
+    per_class = metrics.per_class_ap(scores, targets)
+    assert per_class[2] == {"class": 2, "n": 0, "ap": None}
+    assert per_class[0]["n"] == targets[:, 0].sum()
+
+
+# ---------------------------------------------------------------- ROC AUC
+
+
+def test_roc_auc_hand_computed():
+    # positives 0.35, 0.8; negatives 0.1, 0.4: 3 of the 4 pairs are ordered correctly
+    assert metrics.roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == 0.75
+    # a tied pair gets half credit
+    assert metrics.roc_auc(np.array([0.5, 0.5, 0.9]), np.array([0, 1, 1])) == 0.75
+
+
+def test_roc_auc_matches_sklearn_with_ties(rng):
+    scores = np.round(rng.normal(size=500), 1)
+    targets = rng.integers(0, 2, size=500)
+    assert metrics.roc_auc(scores, targets) == pytest.approx(roc_auc_score(targets, scores), abs=1e-12)
+
+
+def test_compute_metric_roc_auc_from_two_column_scores(rng):
+    scores = rng.normal(size=(100, 2))
+    targets = rng.integers(0, 2, size=100)
+    expected = roc_auc_score(targets, scores[:, 1] - scores[:, 0])
+    assert metrics.compute_metric("roc_auc", scores, targets) == pytest.approx(expected, abs=1e-12)
+
+
+# ---------------------------------------------------------------- dispatch and metric sets
+
+
+def test_compute_metric_dispatch(rng):
+    scores = rng.normal(size=(80, 8))
+    targets = rng.integers(0, 8, size=80)
+    assert metrics.compute_metric("accuracy", scores, targets) == metrics.topk_accuracy(scores, targets, 1)
+    assert metrics.compute_metric("top5_accuracy", scores, targets) == metrics.topk_accuracy(scores, targets, 5)
+    assert metrics.compute_metric("mean_per_class_recall", scores, targets) == metrics.mean_per_class_recall(
+        scores, targets
+    )
+
+
+def test_classification_metrics_sets(rng):
+    many = metrics.classification_metrics(rng.normal(size=(50, 10)), rng.integers(0, 10, 50), "mean_per_class_recall")
+    assert list(many) == ["mean_per_class_recall", "accuracy", "top5_accuracy"]
+    few = metrics.classification_metrics(rng.normal(size=(50, 3)), rng.integers(0, 3, 50), "accuracy")
+    assert list(few) == ["accuracy", "mean_per_class_recall"]
+    binary = metrics.classification_metrics(rng.normal(size=(50, 2)), rng.integers(0, 2, 50), "roc_auc")
+    assert list(binary) == ["roc_auc", "accuracy", "mean_per_class_recall"]
+    multi = metrics.classification_metrics(
+        rng.normal(size=(50, 4)), rng.integers(0, 2, (50, 4)), "map_11point", multilabel=True
+    )
+    assert list(multi) == ["map_11point"]
+    for values in (many, few, binary, multi):
+        assert all(np.isfinite(v) and 0 <= v <= 1 for v in values.values())
+    with pytest.raises(ClipbenchError, match="primary metric"):
+        metrics.classification_metrics(rng.normal(size=(5, 3)), rng.integers(0, 3, 5), "map_11point")
+
+
+@pytest.mark.parametrize(
+    "name, scores, targets, message",
+    [
+        ("accuracy", np.zeros((3, 4)), np.array([0, 1, 4]), r"\[0, 4\)"),
+        ("accuracy", np.array([[np.nan, 0.0]]), np.array([0]), "NaN"),
+        ("accuracy", np.zeros((3, 4)), np.array([0.0, 1.0, 2.0]), "integer"),
+        ("top5_accuracy", np.zeros((3, 4)), np.array([0, 1, 2]), "number of classes"),
+        ("roc_auc", np.array([0.1, 0.2]), np.array([1, 1]), "both positive and negative"),
+        ("roc_auc", np.zeros((4, 3)), np.array([0, 1, 0, 1]), "binary"),
+        ("map_11point", np.zeros((3, 2)), np.zeros((3, 2), dtype=int), "no class has a positive"),
+        ("recall@5", np.zeros((3, 2)), np.array([0, 1, 0]), "unknown classification metric"),
+    ],
+)
+def test_bad_input_raises_clear_errors(name, scores, targets, message):
+    with pytest.raises(ClipbenchError, match=message):
+        metrics.compute_metric(name, scores, targets)
+
+
+# ---------------------------------------------------------------- bootstrap
+
+
+def _naive_bootstrap(scores, targets, metric, n_resamples, seed):
+    values = []
+    for chunk in metrics.resample_indices(len(targets), n_resamples, seed):
+        for idx in chunk:
+            try:
+                values.append(metrics.compute_metric(metric, scores[idx], targets[idx]))
+            except ClipbenchError:
+                values.append(np.nan)
+    return np.array(values)
+
+
+def _problem(rng, metric, n):
+    if metric == "map_11point":
+        targets = (rng.random((n, 4)) < 0.3).astype(np.uint8)
+        targets[:, 3] = 0
+        targets[:2, 3] = 1  # a rare class, absent from many resamples
+        return np.round(rng.normal(size=(n, 4)) + targets, 1), targets
+    if metric == "roc_auc":
+        targets = rng.integers(0, 2, size=n)
+        targets[:3] = [1, 0, 1]
+        return np.round(rng.normal(size=(n, 2)) + np.eye(2)[targets], 1), targets
+    targets = rng.integers(0, 8, size=n)
+    return np.round(rng.normal(size=(n, 8)) + 1.5 * np.eye(8)[targets], 1), targets
+
+
+@pytest.mark.parametrize("metric", metrics.CLASSIFICATION_METRICS)
+def test_bootstrap_matches_naive_loop(rng, metric):
+    scores, targets = _problem(rng, metric, 60)
+    fast = metrics.bootstrap_distribution(scores, targets, metric, n_resamples=150, seed=3)
+    naive = _naive_bootstrap(scores, targets, metric, 150, 3)
+    np.testing.assert_allclose(fast, naive, rtol=0, atol=1e-12)
+    defined = naive[~np.isnan(naive)]
+    assert metrics.bootstrap_ci(scores, targets, metric, 150, 0.9, seed=3) == pytest.approx(
+        tuple(np.quantile(defined, [0.05, 0.95])), abs=1e-12
+    )
+
+
+def test_bootstrap_seeded_and_contains_point_estimate(rng):
+    scores, targets = _problem(rng, "accuracy", 400)
+    first = metrics.bootstrap_ci(scores, targets, "accuracy", seed=7)
+    assert metrics.bootstrap_ci(scores, targets, "accuracy", seed=7) == first
+    assert metrics.bootstrap_ci(scores, targets, "accuracy", seed=8) != first
+    low, high = first
+    assert low < metrics.compute_metric("accuracy", scores, targets) < high
+
+
+def test_bootstrap_width_shrinks_with_n(rng):
+    small = metrics.bootstrap_ci(*_problem(rng, "accuracy", 100), "accuracy", n_resamples=400)
+    large = metrics.bootstrap_ci(*_problem(rng, "accuracy", 3000), "accuracy", n_resamples=400)
+    # the width of a binomial proportion's interval scales as 1 / sqrt(N): about 5.5x here
+    assert (large[1] - large[0]) < (small[1] - small[0]) / 3
