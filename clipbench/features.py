@@ -203,9 +203,8 @@ def image_features(
         model, samples, batch_size=batch_size, workers=workers, desc=f"{spec.name}/{role}"
     )
     seconds = time.perf_counter() - start
-    if projected is not None:
-        cache.save("image", key, {"projected": projected, "pre_projection": pre},
-                   {**parts, "n": len(samples), "seconds": seconds})
+    cache.save("image", key, {"projected": projected, "pre_projection": pre},
+               {**parts, "n": len(samples), "seconds": seconds})
     return ImageFeatures(projected, pre, samples.targets, kind, False, seconds)
 
 

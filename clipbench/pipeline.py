@@ -110,13 +110,11 @@ class Evaluator:
     :meth:`clipbench.distributed.DistContext.encode`, which shards the split across ranks).
     """
 
-    def __init__(self, model: Any, config: RunConfig, *, encoder: Callable | None = None,
-                 is_writer: bool = True):
+    def __init__(self, model: Any, config: RunConfig, *, encoder: Callable | None = None):
         self.model = model
         self.config = config
         self.cache = FeatureCache(Path(config.cache_dir) / "features")
         self.encoder = encoder
-        self.is_writer = is_writer
         self.versions = results.package_versions()
 
     # -- data and features -------------------------------------------------------------------
@@ -155,9 +153,8 @@ class Evaluator:
                 start = time.perf_counter()
                 record, per_class = getattr(self, f"_run_{task}")(spec)
                 record.seconds["total"] = round(time.perf_counter() - start, 3)
-                if self.is_writer and record is not None:
-                    path = results.write_record(record, self.config.output, per_class)
-                    log.info("wrote %s", path)
+                path = results.write_record(record, self.config.output, per_class)
+                log.info("wrote %s", path)
                 records.append(record)
         return records
 
