@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class RunConfig:
     allow_download: bool = True
     probe_solver: str = "sklearn"
     probe_features: str = "pre_projection"
+    probe_jobs: int = field(default_factory=lambda: min(7, os.cpu_count() or 1))
     few_shot_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     few_shot_seeds: int = 3
     recall_k: list[int] = field(default_factory=lambda: [1, 5, 10])
@@ -234,7 +236,8 @@ class Evaluator:
         t0 = time.perf_counter()
         result = linear_probe(tx, ty, vx, vy, sx, sy, primary_metric=spec.primary_metric,
                               multilabel=spec.multilabel, solver=self.config.probe_solver,
-                              device=str(self.model.device), num_classes=spec.num_classes)
+                              device=str(self.model.device), num_classes=spec.num_classes,
+                              n_jobs=self.config.probe_jobs)
         details = {**result.record_details(), "feature_kind": kind, "validation": val_source}
         record = self._record(
             spec, "linear_probe", "test", result.metrics, len(sy), details=details,
@@ -253,7 +256,7 @@ class Evaluator:
                           ks=tuple(self.config.few_shot_k), seeds=tuple(range(self.config.few_shot_seeds)),
                           val_x=vx, val_y=vy, val_fraction=spec.val_fraction, split_seed=self.config.seed,
                           solver=self.config.probe_solver, device=str(self.model.device),
-                          num_classes=spec.num_classes)
+                          num_classes=spec.num_classes, n_jobs=self.config.probe_jobs)
         metrics = {f"{spec.primary_metric}@{k}shot": r.mean for k, r in result.per_k.items()}
         metrics[spec.primary_metric] = result.per_k[max(result.per_k)].mean
         details = {**result.record_details(), "feature_kind": kind,
