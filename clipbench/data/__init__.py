@@ -126,9 +126,10 @@ def load_split(
     data_root = Path(data_root)
     src = spec.source
     root = local_dir(spec, data_root)
-    if root is None and src.generator == "synthetic":
+    if src.generator == "synthetic":
         from .. import synthetic
 
+        # returns at once when complete; rebuilds data written by an older generator version
         root = synthetic.materialize(spec.name, data_root / spec.name)
 
     if src.type == "imagefolder":
