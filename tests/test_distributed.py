@@ -98,6 +98,11 @@ def _exchange_worker(rank: int, init_file: str, out_dir: str) -> None:
         outcome = repr(ctx._encode_shard(None, None, request, error=error))
     except ClipbenchError as exc:
         outcome = f"raised: {exc}"
+    if rank:
+        # receive rank 0's "stop" as a serving rank would, so close() does not race a pending send
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=ctx._control)
+        assert box[0] == {"op": "stop"}
     ctx.close()
     np.savez(Path(out_dir) / f"rank{rank}.npz", outcome=np.array(outcome), **results)
 
