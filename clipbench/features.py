@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from .atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +79,10 @@ class FeatureCache:
         if self.root is None:
             return
         path = self._path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        meta_path = path.with_suffix(".json")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".json.tmp")
-        with os.fdopen(fd, "w") as f:
+        with atomic_open(path, "wb") as f:
+            np.savez(f, **arrays)
+        with atomic_open(path.with_suffix(".json"), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True, default=str)
-        os.replace(tmp, meta_path)
 
 
 def model_identity(model: Any) -> dict[str, Any]:

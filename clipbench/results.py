@@ -10,14 +10,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .atomic import atomic_open
 
 SCHEMA_VERSION = 1
 
@@ -84,19 +84,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically (see :mod:`clipbench.atomic`)."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:

@@ -18,17 +18,10 @@ from typing import Any, Iterable
 import yaml
 
 from .errors import ClipbenchError
+from .metrics import CLASSIFICATION_METRICS
 from .paths import specs_dir, templates_dir
 
 TASKS = ("zeroshot", "linear_probe", "retrieval")
-CLASSIFICATION_METRICS = (
-    "accuracy",
-    "top5_accuracy",
-    "mean_per_class_recall",
-    "map_11point",
-    "roc_auc",
-    "mean_top1_top5",
-)
 RETRIEVAL_METRIC_RE = re.compile(r"^(text_to_image|image_to_text)_R@\d+$|^rsum$")
 SOURCE_TYPES = ("huggingface", "torchvision", "imagefolder", "table", "webdataset", "video")
 SPLIT_ROLES = ("train", "val", "test")

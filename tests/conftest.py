@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # Tests never touch the network and never write outside their tmp dirs.
@@ -37,3 +38,22 @@ def imagefolder_root(tmp_path: Path) -> Path:
             for i in range(n):
                 make_image(label, i + (100 if split == "test" else 0)).save(d / f"{i:03d}.png")
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny problems: torch's thread pool only adds contention on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def gaussian_mixture(n: int, dim: int, classes: int, separation: float, seed: int,
+                     dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Features of unit-variance clusters around random class means (scaled by ``separation``),
+    and their integer labels."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(classes, dim)) * separation
+    y = rng.integers(0, classes, n)
+    return (means[y] + rng.normal(size=(n, dim))).astype(dtype), y

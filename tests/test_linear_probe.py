@@ -19,25 +19,12 @@ from clipbench.tasks.linear_probe import (
     sample_few_shot,
     stratified_val_split,
 )
+from conftest import gaussian_mixture
 
 DECADES = [-6, -4, -2, 0, 2, 4, 6]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny problems: torch's thread pool only adds contention on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def gaussian_mixture(n: int, dim: int, classes: int, separation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """float32 features of unit-variance clusters around random class means; integer labels."""
-    rng = np.random.default_rng(seed)
-    means = rng.normal(size=(classes, dim)) * separation
-    y = rng.integers(0, classes, n)
-    return (means[y] + rng.normal(size=(n, dim))).astype(np.float32), y
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def splits(n_train: int, n_val: int, n_test: int, dim: int, classes: int, separation: float, seed: int):

@@ -10,23 +10,14 @@ from sklearn.linear_model import LogisticRegression
 
 from clipbench.errors import ClipbenchError
 from clipbench.tasks import torch_logreg
+from conftest import gaussian_mixture as _gaussian_mixture
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny problems: torch's thread pool only adds contention on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def gaussian_mixture(*args, **kwargs):
+    return _gaussian_mixture(*args, dtype=np.float64, **kwargs)
 
 
-def gaussian_mixture(n: int, dim: int, classes: int, separation: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Balanced-ish Gaussian mixture: unit-variance clusters around random means."""
-    rng = np.random.default_rng(seed)
-    means = rng.normal(size=(classes, dim)) * separation
-    y = rng.integers(0, classes, n)
-    return means[y] + rng.normal(size=(n, dim)), y
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sklearn_objective(X: np.ndarray, y: np.ndarray, coef: np.ndarray, intercept: np.ndarray, C: float) -> float:
