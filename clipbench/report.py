@@ -799,6 +799,8 @@ def summary_table(records: list[dict], datasets: DatasetLookup | None = None) ->
                      _cell(r["value"], "", True, r["ci_low"], r["ci_high"], r["std"] if pd.notna(r["k"]) else None),
                      _cell(paper, "", True), _cell(r["value"] - paper if paper is not None else None, "diff", True)])
     headers = ["model", "pretrained", "dataset", "task", "metric", "value (%)", "paper (%)", "diff"]
+    if rows and all(row[-2] == "" for row in rows):  # nothing the paper evaluated: no empty columns
+        headers, rows = headers[:-2], [row[:-2] for row in rows]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
 
 
