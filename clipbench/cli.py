@@ -59,8 +59,9 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--datasets", nargs="+", default=None,
                      help="dataset names, groups (paper, imagenet-shifts, retrieval, ...) or spec files; "
                           "default: the synthetic datasets for the embedded model, else 'paper retrieval'")
-    run.add_argument("--tasks", type=_csv_list, default=["zeroshot", "linear_probe", "retrieval"],
-                     help=f"comma-separated subset of {','.join(ALL_TASKS)} (default: zeroshot,linear_probe,retrieval)")
+    run.add_argument("--tasks", type=_csv_list, default=None,
+                     help=f"comma-separated subset of {','.join(ALL_TASKS)} (default: zeroshot,linear_probe,"
+                          "retrieval; the embedded default runs all four)")
     _add_common_data_args(run)
     run.add_argument("--output", type=Path, default=Path("results"), help="records go here (default: results/)")
     run.add_argument("--batch-size", type=int, default=256)
@@ -119,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model_name = DEFAULT_MODEL if embedded else args.model
     pretrained = DEFAULT_PRETRAINED if embedded and args.pretrained is None else args.pretrained
     dataset_args = args.datasets or (list(DEFAULT_DATASETS) if embedded else ["paper", "retrieval"])
-    tasks = list(args.tasks)
+    tasks = list(args.tasks or (ALL_TASKS if embedded else ("zeroshot", "linear_probe", "retrieval")))
     if args.few_shot and "few_shot" not in tasks:
         tasks.append("few_shot")
     config = RunConfig(
