@@ -260,7 +260,9 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
 
     classnames = _load_list(raw.get("classnames"), "classnames", file, errors)
     templates = _load_list(raw.get("templates"), "templates", file, errors)
-    if "zeroshot" in tasks:
+    # clip_benchmark webdataset folders ship classnames.txt (and templates): the spec may defer to them
+    from_wds = isinstance(raw.get("source"), dict) and raw["source"].get("type") == "webdataset"
+    if "zeroshot" in tasks and not from_wds:
         if classnames is None:
             errors.add("classnames", "a classnames file or list (needed by the zeroshot task)", None)
         if templates is None:

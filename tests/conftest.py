@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +59,24 @@ def gaussian_mixture(n: int, dim: int, classes: int, separation: float, seed: in
     means = rng.normal(size=(classes, dim)) * separation
     y = rng.integers(0, classes, n)
     return (means[y] + rng.normal(size=(n, dim))).astype(dtype), y
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def write_wds(root: Path, n: int) -> Path:
+    """clip_benchmark webdataset layout: ``test/{0,1}.tar`` shards of webp + cls, classnames and templates."""
+    (root / "test").mkdir(parents=True)
+    (root / "classnames.txt").write_text("red\ngreen\nblue\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
+    for shard, indices in enumerate((range(0, n // 2), range(n // 2, n))):
+        with tarfile.open(root / "test" / f"{shard}.tar", "w") as tar:
+            for i in indices:
+                buf = io.BytesIO()
+                make_image(i % 3, i).save(buf, format="webp", lossless=True)
+                _add_bytes(tar, f"s{i:05d}.webp", buf.getvalue())
+                _add_bytes(tar, f"s{i:05d}.cls", str(i % 3).encode())
+    return root

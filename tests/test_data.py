@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import json
 import struct
-import tarfile
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from clipbench.data import data_status, load_split
 from clipbench.errors import ClipbenchError
 from clipbench.specs import parse_spec
 
-from conftest import make_image
+from conftest import make_image, write_wds
 
 
 def spec_for(source: dict, splits: dict, *, name="fx", tasks=("zeroshot",), retrieval=False, **extra):
@@ -153,25 +151,8 @@ def test_huggingface_imagefolder_directory(imagefolder_root, tmp_path):
     check_classification(samples, 9)
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    tar.addfile(info, io.BytesIO(payload))
-
-
 def test_webdataset_clip_benchmark_layout(tmp_path):
-    root = tmp_path / "data" / "wds"
-    (root / "test").mkdir(parents=True)
-    (root / "classnames.txt").write_text("red\ngreen\nblue\n")
-    (root / "zeroshot_classification_templates.txt").write_text("a photo of a {c}.\n")
-    for shard in range(2):
-        with tarfile.open(root / "test" / f"{shard}.tar", "w") as tar:
-            for j in range(4):
-                i = shard * 4 + j
-                buf = io.BytesIO()
-                make_image(i % 3, i).save(buf, format="webp", lossless=True)
-                _add_bytes(tar, f"s{i:05d}.webp", buf.getvalue())
-                _add_bytes(tar, f"s{i:05d}.cls", str(i % 3).encode())
+    root = write_wds(tmp_path / "data" / "wds", 8)
     spec = spec_for({"type": "webdataset", "path": "clip-benchmark/wds_fx"}, {"test": "test"}, name="wds")
     check_classification(load_split(spec, "test", tmp_path / "data", tmp_path), 8)
     from clipbench.data.webdataset import read_wds_prompts

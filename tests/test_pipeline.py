@@ -181,3 +181,17 @@ def test_cli_run_with_local_checkpoint_writes_records(model, spec_file, tmp_path
     record = json.loads(path.read_text())
     assert record["model"] == "ViT-S-32-alt" and record["n_samples"] == 9
     assert "zeroshot" in proc.stdout and "colours" in proc.stdout
+
+
+def test_webdataset_spec_takes_classnames_and_templates_from_the_folder(model, tmp_path):
+    from conftest import write_wds
+
+    write_wds(tmp_path / "data" / "wdsset", 6)
+    spec = specs.parse_spec({"name": "wdsset", "title": "wds", "tasks": ["zeroshot"], "primary_metric": "accuracy",
+                             "num_classes": 3, "source": {"type": "webdataset", "path": "org/wds_x"},
+                             "splits": {"test": "test"}}, tmp_path / "wdsset.yaml")
+    (record,) = Evaluator(model, config_for(tmp_path, tasks=["zeroshot"])).run([spec])
+    assert record.n_samples == 6 and record.details["n_templates"] == 1
+    assert record.config["templates_origin"] == "zeroshot_classification_templates.txt of the webdataset"
+    sidecar = json.loads((tmp_path / "out" / "ViT-S-32-alt__none" / "wdsset" / "zeroshot.per_class.json").read_text())
+    assert sidecar["classnames"] == ["red", "green", "blue"]

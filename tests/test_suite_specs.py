@@ -71,6 +71,9 @@ def test_zeroshot_specs_have_prompts_of_the_right_length(spec):
     assert spec.templates and all("{c}" in t for t in spec.templates)
     assert len(set(spec.templates)) == len(spec.templates)
     assert spec.templates_origin
+    if spec.classnames is None:  # read from the clip_benchmark webdataset folder (ObjectNet)
+        assert spec.source.type == "webdataset" and "classnames.txt" in spec.templates_origin
+        return
     assert all(name.strip() == name and name for name in spec.classnames)
     if spec.class_subset is not None:
         assert len(spec.class_subset) == spec.num_classes
@@ -132,7 +135,8 @@ def test_fer2013_synonyms_start_with_the_classnames():
 
 def test_groups_and_retrieval_specs():
     groups = all_groups()
-    assert sorted(groups["imagenet-shifts"]) == ["imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_v2"]
+    assert sorted(groups["imagenet-shifts"]) == ["imagenet_a", "imagenet_r", "imagenet_sketch", "imagenet_v2",
+                                                 "objectnet"]
     assert sorted(groups["retrieval"]) == ["flickr30k", "mscoco"]
     assert set(groups["vtab"]) < set(groups["paper"])
     for name in ("flickr30k", "mscoco"):
