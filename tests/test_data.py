@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import time
@@ -222,3 +223,35 @@ def test_table_multilabel_lists(tmp_path):
                     multilabel=True, primary_metric="map_11point")
     samples = load_split(spec, "test", tmp_path, tmp_path)
     assert samples.targets.tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0]]
+
+
+def test_retrieval_captions_from_webdataset_and_huggingface(tmp_path):
+    import tarfile
+
+    import datasets
+
+    from conftest import _add_bytes
+
+    captions = [["a red one", "red"], ["green thing"], ["blue", "a blue image", "bluish"]]
+    root = tmp_path / "data" / "wdscap"
+    (root / "test").mkdir(parents=True)
+    with tarfile.open(root / "test" / "0.tar", "w") as tar:
+        for i, caps in enumerate(captions):
+            buf = io.BytesIO()
+            make_image(i, i).save(buf, format="png")
+            _add_bytes(tar, f"s{i:05d}.png", buf.getvalue())
+            _add_bytes(tar, f"s{i:05d}.txt", "\n".join(caps).encode())  # clip_benchmark: one caption per line
+    spec = spec_for({"type": "webdataset", "path": "clip-benchmark/wds_cap"}, {"test": "test"}, name="wdscap",
+                    retrieval=True)
+    samples = load_split(spec, "test", tmp_path / "data", tmp_path)
+    assert samples.captions == captions
+    assert [dominant_label(samples[i][0]) for i in range(3)] == [0, 1, 2]
+
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string"))})
+    datasets.Dataset.from_dict({"image": [make_image(i, i) for i in range(3)], "caption": captions},
+                               features=features).save_to_disk(str(tmp_path / "data" / "hfcap"))
+    spec = spec_for({"type": "huggingface", "path": "org/hfcap", "image_column": "image", "caption_column": "caption"},
+                    {"test": "train"}, name="hfcap", retrieval=True)
+    samples = load_split(spec, "test", tmp_path / "data", tmp_path)
+    assert samples.captions == captions and samples.targets is None
+    assert [dominant_label(samples[i][0]) for i in range(3)] == [0, 1, 2]

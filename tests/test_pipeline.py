@@ -195,3 +195,56 @@ def test_webdataset_spec_takes_classnames_and_templates_from_the_folder(model, t
     assert record.config["templates_origin"] == "zeroshot_classification_templates.txt of the webdataset"
     sidecar = json.loads((tmp_path / "out" / "ViT-S-32-alt__none" / "wdsset" / "zeroshot.per_class.json").read_text())
     assert sidecar["classnames"] == ["red", "green", "blue"]
+
+
+def _same_images_in(fmt: str, imagefolder_root: Path, dest: Path) -> dict:
+    """The imagefolder fixture's test images (same PNG bytes, same labels) in another format;
+    returns the spec's source and test split."""
+    import tarfile
+
+    from conftest import _add_bytes
+
+    files = sorted((imagefolder_root / "test").rglob("*.png"))
+    labels = [["a_red", "b_green", "c_blue"].index(p.parent.name) for p in files]
+    dest.mkdir(parents=True)
+    if fmt == "table":
+        (dest / "test.jsonl").write_text("".join(
+            json.dumps({"image": str(p), "label": y}) + "\n" for p, y in zip(files, labels)))
+        return {"source": {"type": "table", "path": str(dest)}, "split": "test.jsonl"}
+    if fmt == "huggingface":
+        import datasets
+
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+        datasets.Dataset.from_dict({"image": [str(p) for p in files], "label": labels},
+                                   features=features).save_to_disk(str(dest / "hf"))
+        return {"source": {"type": "huggingface", "path": str(dest / "hf"), "image_column": "image",
+                           "label_column": "label"}, "split": "train"}
+    (dest / "test").mkdir()
+    with tarfile.open(dest / "test" / "0.tar", "w") as tar:
+        for i, (p, y) in enumerate(zip(files, labels)):
+            _add_bytes(tar, f"s{i:05d}.png", p.read_bytes())
+            _add_bytes(tar, f"s{i:05d}.cls", str(y).encode())
+    return {"source": {"type": "webdataset", "path": str(dest)}, "split": "test"}
+
+
+@pytest.mark.parametrize("fmt", ["table", "huggingface", "webdataset"])
+def test_zeroshot_record_equals_direct_computation_in_every_format(model, fmt, imagefolder_root, tmp_path):
+    made = _same_images_in(fmt, imagefolder_root, tmp_path / fmt)
+    spec = specs.parse_spec({"name": "colours", "title": "Colours", "tasks": ["zeroshot"],
+                             "primary_metric": "accuracy", "num_classes": 3, "source": made["source"],
+                             "splits": {"test": made["split"]}, "classnames": ["red", "green", "blue"],
+                             "templates": ["a photo of a {c}.", "a {c} picture."]}, tmp_path / "colours.yaml")
+    evaluator = Evaluator(model, config_for(tmp_path, tasks=["zeroshot"]))
+    (record,) = evaluator.run([spec])
+    correct, total = direct_zeroshot_accuracy(model, imagefolder_root)
+    assert record.n_samples == total
+    assert record.metrics["accuracy"] == pytest.approx(correct / total, abs=1e-12)
+    # same images, same order: the cached features equal open_clip's on the imagefolder files
+    from PIL import Image
+
+    files = sorted((imagefolder_root / "test").rglob("*.png"))
+    with torch.no_grad():
+        direct = model.model.encode_image(torch.stack([model.preprocess(Image.open(p).convert("RGB")) for p in files]))
+    direct = torch.nn.functional.normalize(direct, dim=-1).numpy()
+    features, _ = evaluator._features(spec, "test")
+    assert features.from_cache and np.abs(features.projected - direct).max() < 1e-5
