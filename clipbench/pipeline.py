@@ -275,7 +275,7 @@ class Evaluator:
         return record, None
 
     def _run_retrieval(self, spec: DatasetSpec):
-        from .tasks.retrieval import retrieval_metrics
+        from .tasks.retrieval import recall_confidence_interval, retrieval_metrics
 
         feats, samples = self._features(spec, "test")
         captions = samples.captions or []
@@ -286,9 +286,14 @@ class Evaluator:
         t1 = time.perf_counter()
         result = retrieval_metrics(feats.projected, text, owner, recall_k=tuple(self.config.recall_k),
                                    device=str(self.model.device))
+        intervals = {}
+        if self.config.n_bootstrap and spec.primary_metric in result.metrics and "_R@" in spec.primary_metric:
+            intervals[spec.primary_metric] = list(recall_confidence_interval(
+                result, owner, spec.primary_metric, self.config.n_bootstrap, seed=self.config.seed))
         record = self._record(
-            spec, "retrieval", "test", result.metrics, len(samples),
-            details={"n_images": int(len(captions)), "n_captions": int(len(flat))},
+            spec, "retrieval", "test", result.metrics, len(samples), confidence_intervals=intervals,
+            details={"n_images": int(len(captions)), "n_captions": int(len(flat)),
+                     "bootstrap_unit": "image (with all its captions)"},
             seconds={"features": round(feats.seconds, 3), "text": round(t1 - t0, 3),
                      "task": round(time.perf_counter() - t1, 3)},
         )

@@ -299,3 +299,32 @@ def test_bad_input_raises_clear_error(kwargs, message):
     args.update(kwargs)
     with pytest.raises(ClipbenchError, match=message):
         retrieval_metrics(**args)
+
+
+def test_recall_interval_resamples_images_with_their_captions():
+    from clipbench.metrics import resample_indices
+    from clipbench.tasks.retrieval import recall_confidence_interval
+
+    rng = np.random.default_rng(5)
+    n_images = 40
+    per_image = rng.integers(1, 6, n_images)
+    owner = np.repeat(np.arange(n_images), per_image)
+    images = rng.normal(size=(n_images, 16)).astype(np.float32)
+    texts = images[owner] + rng.normal(scale=1.2, size=(len(owner), 16)).astype(np.float32)
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    texts /= np.linalg.norm(texts, axis=1, keepdims=True)
+    result = retrieval_metrics(images, texts, owner)
+    for metric in ("text_to_image_R@1", "image_to_text_R@5"):
+        low, high = recall_confidence_interval(result, owner, metric, n_resamples=300, seed=2)
+        # naive: loop over resampled images, collect their queries' hits
+        values = []
+        for idx in resample_indices(n_images, 300, 2):
+            for row in idx:
+                if metric.startswith("text"):
+                    hits = [result.text_to_image_ranks[owner == i] <= 1 for i in row]
+                    values.append(np.concatenate(hits).mean())
+                else:
+                    values.append((result.image_to_text_ranks[row] <= 5).mean())
+        expected = np.quantile(values, [0.025, 0.975])
+        assert (low, high) == pytest.approx(tuple(expected), abs=1e-12)
+        assert low <= result.metrics[metric] <= high and high - low > 0

@@ -23,6 +23,7 @@ Each direction scores every pair once: 2 * n_images * n_captions * D multiply-ad
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -30,10 +31,11 @@ import numpy as np
 import torch
 
 from clipbench.errors import ClipbenchError
+from clipbench.metrics import resample_indices
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RetrievalResult", "retrieval_metrics"]
+__all__ = ["RetrievalResult", "retrieval_metrics", "recall_confidence_interval"]
 
 # Images that query no caption (they have none) get this value in `image_to_text_ranks`.
 NO_CAPTION_RANK = -1
@@ -239,6 +241,55 @@ def _best_own_caption_ranks(scores: torch.Tensor, own_rows: torch.Tensor, own_ca
     best_caption = torch.zeros(scores.shape[0], dtype=torch.int64, device=scores.device)
     best_caption.scatter_reduce_(0, own_rows[is_best], own_captions[is_best], reduce="amin", include_self=False)
     return _ranks_in_block(scores, best_caption)
+
+
+_RECALL_RE = re.compile(r"^(text_to_image|image_to_text)_R@(\d+)$")
+
+
+def recall_confidence_interval(
+    result: RetrievalResult,
+    text_to_image: np.ndarray,
+    metric: str,
+    n_resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of one recall@k, resampling images with all their captions.
+
+    The captions of one image are not independent queries (they share the image), so the unit
+    of resampling is the image: a resample draws ``n_images`` images with replacement and the
+    recall is the hits of their queries over the number of their queries (text -> image: their
+    captions; image -> text: the images that have captions).
+
+    Args:
+        result: from :func:`retrieval_metrics`.
+        text_to_image: (n_captions,) the image index of each caption, as passed there.
+        metric: ``text_to_image_R@k`` or ``image_to_text_R@k``.
+
+    Returns:
+        (low, high) fractions in [0, 1].
+    """
+    match = _RECALL_RE.match(metric)
+    if match is None:
+        raise ClipbenchError(f"{metric!r} is not a recall@k metric (e.g. 'text_to_image_R@1').")
+    if not 0.0 < confidence < 1.0:
+        raise ClipbenchError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}.")
+    direction, k = match.group(1), int(match.group(2))
+    owner = np.asarray(text_to_image, dtype=np.int64)
+    if direction == "text_to_image":
+        hits = np.bincount(owner, weights=result.text_to_image_ranks <= k, minlength=result.n_images)
+        queries = np.bincount(owner, minlength=result.n_images).astype(np.float64)
+    else:
+        ranks = result.image_to_text_ranks
+        queries = (ranks != NO_CAPTION_RANK).astype(np.float64)
+        hits = queries * (ranks <= k)
+    statistics = []
+    for idx in resample_indices(result.n_images, n_resamples, seed):
+        n_queries = queries[idx].sum(axis=1)
+        statistics.append(hits[idx].sum(axis=1) / np.maximum(n_queries, 1))
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(np.concatenate(statistics), [alpha, 1.0 - alpha])
+    return float(low), float(high)
 
 
 def _check_recall_k(recall_k: Iterable[int]) -> tuple[int, ...]:
