@@ -531,6 +531,15 @@ def bootstrap_distribution(
     return np.concatenate([statistic(idx) for idx in resample_indices(scores.shape[0], n_resamples, seed)])
 
 
+def percentile_interval(statistics: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The central ``confidence`` interval of bootstrap statistics, e.g. 2.5th-97.5th percentiles."""
+    if not 0.0 < confidence < 1.0:
+        raise ClipbenchError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}.")
+    alpha = (1.0 - confidence) / 2.0
+    low, high = np.quantile(statistics, [alpha, 1.0 - alpha])
+    return float(low), float(high)
+
+
 def bootstrap_ci(
     scores: np.ndarray,
     targets: np.ndarray,
@@ -566,6 +575,4 @@ def bootstrap_ci(
             "%s undefined on %d of %d bootstrap resamples; they are skipped",
             metric, statistics.size - defined.size, statistics.size,
         )
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(defined, [alpha, 1.0 - alpha])
-    return float(low), float(high)
+    return percentile_interval(defined, confidence)

@@ -119,6 +119,7 @@ class Evaluator:
         self.config = config
         self.cache = FeatureCache(Path(config.cache_dir) / "features")
         self.encoder = encoder
+        self._current: dict[tuple[str, str], tuple[ImageFeatures, Samples]] = {}
         self.versions = results.package_versions()
 
     # -- data and features -------------------------------------------------------------------
@@ -132,12 +133,17 @@ class Evaluator:
                           allow_download=self.config.allow_download)
 
     def _features(self, spec: DatasetSpec, role: str) -> tuple[ImageFeatures, Samples]:
-        samples = self._samples(spec, role)
-        feats = image_features(self.model, spec, role, samples, self.cache,
-                               batch_size=self.config.batch_size, workers=self.config.workers,
-                               encoder=functools.partial(self.encoder, spec=spec, role=role)
-                               if self.encoder is not None else None)
-        return feats, samples
+        """Features of one split; kept while the dataset's tasks run (the probe and the few-shot
+        probe share them) instead of reloading the split and re-reading the cache per task."""
+        key = (spec.name, role)
+        if key not in self._current:
+            samples = self._samples(spec, role)
+            feats = image_features(self.model, spec, role, samples, self.cache,
+                                   batch_size=self.config.batch_size, workers=self.config.workers,
+                                   encoder=functools.partial(self.encoder, spec=spec, role=role)
+                                   if self.encoder is not None else None)
+            self._current[key] = (feats, samples)
+        return self._current[key]
 
     # -- orchestration -----------------------------------------------------------------------
     def tasks_for(self, spec: DatasetSpec) -> list[str]:
@@ -147,6 +153,7 @@ class Evaluator:
     def run(self, specs: list[DatasetSpec]) -> list[results.Record]:
         records: list[results.Record] = []
         for spec in specs:
+            self._current = {}  # one dataset's features at a time bounds the memory held
             tasks = self.tasks_for(spec)
             if not tasks:
                 log.warning("%s: none of the tasks %s apply (it supports %s); skipped",

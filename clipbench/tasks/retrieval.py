@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from clipbench.errors import ClipbenchError
-from clipbench.metrics import resample_indices
+from clipbench.metrics import percentile_interval, resample_indices
 
 logger = logging.getLogger(__name__)
 
@@ -272,8 +272,6 @@ def recall_confidence_interval(
     match = _RECALL_RE.match(metric)
     if match is None:
         raise ClipbenchError(f"{metric!r} is not a recall@k metric (e.g. 'text_to_image_R@1').")
-    if not 0.0 < confidence < 1.0:
-        raise ClipbenchError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}.")
     direction, k = match.group(1), int(match.group(2))
     owner = np.asarray(text_to_image, dtype=np.int64)
     if direction == "text_to_image":
@@ -287,9 +285,7 @@ def recall_confidence_interval(
     for idx in resample_indices(result.n_images, n_resamples, seed):
         n_queries = queries[idx].sum(axis=1)
         statistics.append(hits[idx].sum(axis=1) / np.maximum(n_queries, 1))
-    alpha = (1.0 - confidence) / 2.0
-    low, high = np.quantile(np.concatenate(statistics), [alpha, 1.0 - alpha])
-    return float(low), float(high)
+    return percentile_interval(np.concatenate(statistics), confidence)
 
 
 def _check_recall_k(recall_k: Iterable[int]) -> tuple[int, ...]:
