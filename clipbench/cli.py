@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from . import __version__
 from .errors import ClipbenchError
-from .paths import default_cache_dir, default_data_root
 
 log = logging.getLogger("clipbench")
 
@@ -34,11 +32,11 @@ def _add_common_data_args(p: argparse.ArgumentParser) -> None:
                    help="feature cache and generated data (default: $CLIPBENCH_CACHE, else ~/.cache/clipbench)")
 
 
-# Kept here rather than imported from clipbench.pipeline so that `clipbench --help` does not load torch.
-ALL_TASKS = ("zeroshot", "linear_probe", "few_shot", "retrieval")
-
-
 def _build_parser() -> argparse.ArgumentParser:
+    from .config import DEVICES, PRECISIONS, PROBE_FEATURES, PROBE_SOLVERS, RunConfig
+    from .tasks import task_names
+
+    default = RunConfig.default
     parser = argparse.ArgumentParser(
         prog="clipbench",
         description="Evaluate CLIP-like models with the CLIP paper's protocols.",
@@ -60,27 +58,31 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="dataset names, groups (paper, imagenet-shifts, retrieval, ...) or spec files; "
                           "default: the synthetic datasets for the embedded model, else 'paper retrieval'")
     run.add_argument("--tasks", type=_csv_list, default=None,
-                     help=f"comma-separated subset of {','.join(ALL_TASKS)} (default: zeroshot,linear_probe,"
-                          "retrieval; the embedded default runs all four)")
+                     help=f"comma-separated subset of {','.join(task_names())} (default: zeroshot,"
+                          "linear_probe,retrieval; the embedded default runs them all)")
     _add_common_data_args(run)
-    run.add_argument("--output", type=Path, default=Path("results"), help="records go here (default: results/)")
-    run.add_argument("--batch-size", type=int, default=256)
-    run.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                     help="DataLoader worker processes")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    run.add_argument("--precision", choices=["fp32", "fp16", "bf16", "amp"], default="amp")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--force", action="store_true", help="recompute records that already exist")
+    run.add_argument("--output", type=Path, default=default("output"),
+                     help="records go here (default: %(default)s/)")
+    run.add_argument("--batch-size", type=int, default=default("batch_size"))
+    run.add_argument("--workers", type=int, default=default("workers"), help="DataLoader worker processes")
+    run.add_argument("--device", choices=DEVICES, default=default("device"))
+    run.add_argument("--precision", choices=PRECISIONS, default=default("precision"))
+    run.add_argument("--seed", type=int, default=default("seed"))
+    run.add_argument("--force", action="store_true",
+                     help="recompute records that exist with the same settings (records made under "
+                          "other settings are always recomputed; the old ones are kept)")
     run.add_argument("--no-download", action="store_true", help="never download data or weights")
-    run.add_argument("--probe-solver", choices=["sklearn", "torch"], default="sklearn",
+    run.add_argument("--probe-solver", choices=PROBE_SOLVERS, default=default("probe_solver"),
                      help="linear-probe solver: scikit-learn (the paper's, default) or torch L-BFGS (GPU)")
-    run.add_argument("--probe-features", choices=["pre_projection", "projected"], default="pre_projection",
+    run.add_argument("--probe-features", choices=PROBE_FEATURES, default=default("probe_features"),
                      help="image features for linear probes (the paper: before the projection)")
     run.add_argument("--few-shot", type=_int_list, default=None, metavar="K,K,...",
-                     help="also run few-shot probes with these shots per class (e.g. 1,2,4,8,16)")
-    run.add_argument("--few-shot-seeds", type=int, default=3)
-    run.add_argument("--recall-k", type=_int_list, default=[1, 5, 10], metavar="K,K,...")
-    run.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CI")
+                     help="also run few-shot probes with these shots per class (default when few_shot "
+                          f"runs: {','.join(map(str, default('few_shot_k')))})")
+    run.add_argument("--few-shot-seeds", type=int, default=default("few_shot_seeds"))
+    run.add_argument("--recall-k", type=_int_list, default=default("recall_k"), metavar="K,K,...")
+    run.add_argument("--bootstrap", type=int, default=default("n_bootstrap"),
+                     help="bootstrap resamples for the 95%% CI (0: none)")
     run.add_argument("--templates", type=Path, default=None, help="file of prompt templates ({c} placeholder)")
     run.add_argument("--classnames", type=Path, default=None, help="file of class names, one per line")
 
@@ -100,75 +102,45 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve_dirs(args: argparse.Namespace) -> tuple[Path, Path]:
-    cache = (args.cache_dir or default_cache_dir()).expanduser()
-    data_root = args.data_root or (
-        Path(os.environ["CLIPBENCH_DATA_ROOT"]) if os.environ.get("CLIPBENCH_DATA_ROOT")
-        else cache / "data" if args.cache_dir else default_data_root()
-    )
-    return data_root.expanduser(), cache
+def _data_root(args: argparse.Namespace) -> Path:
+    from .config import RunConfig
+
+    return RunConfig(data_root=args.data_root, cache_dir=args.cache_dir).resolved().data_root
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from . import specs
-    from .distributed import DistContext, DistributedError
-    from .models import load_model
-    from .pipeline import DEFAULT_DATASETS, DEFAULT_MODEL, DEFAULT_PRETRAINED, Evaluator, RunConfig
+def config_from_args(args: argparse.Namespace) -> "RunConfig":  # noqa: F821 (imported lazily)
+    """The :class:`~clipbench.config.RunConfig` of `clipbench run` flags (nothing resolved yet)."""
+    from .config import RunConfig
 
-    data_root, cache = _resolve_dirs(args)
-    embedded = args.model is None
-    model_name = DEFAULT_MODEL if embedded else args.model
-    pretrained = DEFAULT_PRETRAINED if embedded and args.pretrained is None else args.pretrained
-    dataset_args = args.datasets or (list(DEFAULT_DATASETS) if embedded else ["paper", "retrieval"])
-    tasks = list(args.tasks or (ALL_TASKS if embedded else ("zeroshot", "linear_probe", "retrieval")))
-    if args.few_shot and "few_shot" not in tasks:
-        tasks.append("few_shot")
-    config = RunConfig(
-        model=model_name, pretrained=pretrained, datasets=dataset_args, tasks=tasks,
-        data_root=data_root, output=args.output, cache_dir=cache, batch_size=args.batch_size,
+    tasks = list(args.tasks) if args.tasks is not None else None
+    if args.few_shot:
+        tasks = tasks if tasks is not None else list(RunConfig(model=args.model).resolved().tasks)
+        tasks += [] if "few_shot" in tasks else ["few_shot"]
+    return RunConfig(
+        model=args.model, pretrained=args.pretrained, datasets=args.datasets, tasks=tasks,
+        data_root=args.data_root, output=args.output, cache_dir=args.cache_dir, batch_size=args.batch_size,
         workers=args.workers, device=args.device, precision=args.precision, seed=args.seed,
         force=args.force, allow_download=not args.no_download, probe_solver=args.probe_solver,
-        probe_features=args.probe_features, few_shot_k=args.few_shot or [1, 2, 4, 8, 16],
+        probe_features=args.probe_features, few_shot_k=args.few_shot or RunConfig.default("few_shot_k"),
         few_shot_seeds=args.few_shot_seeds, recall_k=args.recall_k, n_bootstrap=args.bootstrap,
         templates_file=args.templates, classnames_file=args.classnames,
     )
-    unknown = [t for t in tasks if t not in ALL_TASKS]
-    if unknown:
-        raise ClipbenchError(f"Unknown task(s) {unknown}: choose from zeroshot, linear_probe, few_shot, retrieval.")
-    selected = specs.select(dataset_args)
-    if not selected:
-        raise ClipbenchError(f"No datasets matched {dataset_args}; `clipbench datasets` lists them.")
-    # torchrun / srun: rank 0 runs the pipeline, the other ranks encode shards of its splits.
-    dist_ctx = DistContext.from_env(args.device)
-    try:
-        model = dist_ctx.main_first(lambda: load_model(
-            model_name, pretrained, device=dist_ctx.device(args.device), precision=args.precision,
-            cache_dir=cache, allow_download=not args.no_download))
-        dist_ctx.check_same_model(model)
-        if not dist_ctx.is_main:
-            dist_ctx.serve(model, config)
-            return 0
-        evaluator = Evaluator(model, config, encoder=dist_ctx.encode if dist_ctx.distributed else None)
-        records, failures = [], []
-        for spec in selected:
-            try:
-                records.extend(evaluator.run([spec]))
-            except DistributedError:
-                raise
-            except ClipbenchError as exc:
-                failures.append((spec.name, str(exc)))
-                log.error("%s: %s", spec.name, exc)
-    finally:
-        dist_ctx.close()
-    if records:
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run
+
+    config = config_from_args(args)
+    outcome = run(config)
+    if outcome.records:
         from .report import summary_table
 
-        print(summary_table([r.to_dict() for r in records]))
-        print(f"\nRecords: {Path(args.output).resolve()}")
-    if failures:
-        print(f"\n{len(failures)} dataset(s) failed:", file=sys.stderr)
-        for name, message in failures:
-            print(f"- {name}: {message}", file=sys.stderr)
+        print(summary_table([r.to_dict() for r in outcome.records]))
+        print(f"\nRecords: {Path(config.output).resolve()}")
+    if outcome.failures:
+        print(f"\n{len(outcome.failures)} task(s) failed:", file=sys.stderr)
+        for dataset, task, message in outcome.failures:
+            print(f"- {dataset}/{task}: {message}", file=sys.stderr)
         return 2
     return 0
 
@@ -179,7 +151,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     from .data import data_status
     from .specs import list_specs
 
-    data_root, _ = _resolve_dirs(args)
+    data_root = _data_root(args)
     rows = []
     for spec in list_specs():
         status = data_status(spec, data_root)
@@ -222,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         from .train_tiny import main as train_main
 
         return int(train_main(argv[1:]) or 0)
+    from .plugins import load_plugins
+
+    try:
+        load_plugins()  # before the parser: plugin tasks are valid --tasks values
+    except ClipbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     parser = _build_parser()
     args = parser.parse_args(argv)
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]

@@ -268,14 +268,13 @@ class DistContext:
             log.debug("rank %d: leaving a broken process group (%s)", self.rank, error)
 
     # -- other ranks ------------------------------------------------------------------------
-    def serve(self, model: Any, config: Any) -> None:
+    def serve(self, model: Any, load_samples: Callable[[Any, str], Any]) -> None:
         """Ranks > 0: encode shards of the splits rank 0 asks for, until rank 0 says stop.
 
-        ``config`` is the :class:`clipbench.pipeline.RunConfig` of the run (data root, cache dir,
-        downloads); a request carries the dataset spec and split role.
+        ``load_samples(spec, role)`` is the pipeline's loader
+        (:meth:`clipbench.pipeline.Evaluator.load_samples`); a request carries the dataset spec and
+        split role.
         """
-        from .data import load_split
-
         fail_on = os.environ.get(FAIL_RANK_ENV)
         while True:
             box: list[Any] = [None]
@@ -291,8 +290,7 @@ class DistContext:
             spec, role = request["spec"], request["role"]
             samples, error = None, None
             try:
-                samples = load_split(spec, role, config.data_root, config.cache_dir,
-                                     allow_download=config.allow_download)
+                samples = load_samples(spec, role)
                 if len(samples) != request["n"] or samples.content_digest() != request["digest"]:
                     error = (f"rank {self.rank} sees a different {spec.name}/{role} than rank 0 "
                              f"({len(samples)} vs {request['n']} samples, or other files/labels): "

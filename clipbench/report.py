@@ -369,7 +369,10 @@ def _record_files(path: Path) -> list[Path]:
             f"Results path {path} does not exist. Pass the --output directory of `clipbench run` "
             "(or a clip_benchmark results directory, or a single result JSON file)."
         )
-    return sorted(p for p in path.rglob("*.json") if not p.name.endswith(".per_class.json"))
+    from clipbench.results import SUPERSEDED_SUFFIX
+
+    return sorted(p for p in path.rglob("*.json")
+                  if not p.name.endswith((".per_class.json", SUPERSEDED_SUFFIX)))
 
 
 def load_records(paths: Sequence[Path], datasets: DatasetLookup | None = None) -> pd.DataFrame:

@@ -18,8 +18,14 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_open
+from .errors import ClipbenchError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Bumped whenever a metric's definition or a task's protocol changes: part of every record's
+#: settings digest, so a rerun recomputes records made under the old definition.
+METRIC_VERSION = 1
+#: Records replaced because their settings changed are kept under this suffix (reports skip them).
+SUPERSEDED_SUFFIX = ".superseded.json"
 
 
 @dataclass
@@ -118,6 +124,45 @@ def existing_record(output: Path, model: str, pretrained: str, dataset: str, tas
         return read_record(path)
     except (ValueError, TypeError):
         return None
+
+
+def supersede(path: Path, digest: str) -> Path:
+    """Move the record at ``path`` (and its per-class sidecar) aside before it is replaced by one
+    computed under other settings: ``<task>.<digest>.superseded.json``. Returns the new path."""
+    path = Path(path)
+    kept = path.with_name(f"{path.stem}.{safe_name(digest)}{SUPERSEDED_SUFFIX}")
+    sidecar = path.with_name(f"{path.stem}.per_class.json")
+    if sidecar.is_file():
+        sidecar.replace(path.with_name(f"{path.stem}.per_class.{safe_name(digest)}{SUPERSEDED_SUFFIX}"))
+    path.replace(kept)
+    return kept
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """A short list of the settings that differ between two record configs, for a log line."""
+    keys = [k for k in new if k != "settings_digest" and old.get(k) != new[k]]
+    if not keys:
+        return "the record predates settings digests" if "settings_digest" not in old else "clipbench's digest rule"
+    return ", ".join(f"{k}: {old.get(k, '(absent)')!s:.40} -> {new[k]!s:.40}" for k in keys)
+
+
+def ensure_writable(directory: Path, flag: str) -> None:
+    """Create ``directory`` and check a file can be written there, before any work is done.
+
+    Raises:
+        ClipbenchError: naming the flag and the reason (a file in the way, no permission, ...).
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_open(directory / ".clipbench-write-check", "w") as f:
+            f.write("ok")
+        (directory / ".clipbench-write-check").unlink()
+    except OSError as exc:
+        raise ClipbenchError(
+            f"{flag} {directory} cannot be written ({exc.strerror or exc}). Pass a directory you can "
+            "write to; nothing was computed yet."
+        ) from None
 
 
 def package_versions() -> dict[str, str]:

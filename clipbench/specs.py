@@ -97,6 +97,15 @@ class DatasetSpec:
         payload = json.dumps({k: self.raw.get(k) for k in keys}, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
+    def eval_digest(self) -> str:
+        """Digest of every spec field that can change a task's numbers, with file references
+        resolved to their content (class folders, class subset). Prompts are digested by the
+        tasks that use them; title, notes, groups and paper name change no number."""
+        cosmetic = {"title", "notes", "groups", "paper_name", "templates_origin", "classnames", "templates"}
+        payload = {k: v for k, v in self.raw.items() if k not in cosmetic}
+        payload.update(source=repr(self.source), class_subset=self.class_subset)
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
 
 class _Errors:
     def __init__(self, file: Path):

@@ -246,5 +246,5 @@ def test_zeroshot_record_equals_direct_computation_in_every_format(model, fmt, i
     with torch.no_grad():
         direct = model.model.encode_image(torch.stack([model.preprocess(Image.open(p).convert("RGB")) for p in files]))
     direct = torch.nn.functional.normalize(direct, dim=-1).numpy()
-    features, _ = Evaluator(model, config_for(tmp_path, tasks=["zeroshot"]))._features(spec, "test")
+    features, _ = Evaluator(model, config_for(tmp_path, tasks=["zeroshot"])).split_features(spec, "test")
     assert features.from_cache and np.abs(features.projected - direct).max() < 1e-5

@@ -1,1 +1,77 @@
-"""Evaluation tasks: arrays in, metrics out."""
+"""Evaluation tasks: arrays in, metrics out (see :mod:`clipbench.tasks.base`).
+
+The registry maps a task name to its :class:`~clipbench.tasks.base.Task`. Built-in tasks live one
+per module and are imported on first use; another task is one module plus one
+:func:`register_task` call (docs/extending.md). `--tasks`, spec validation, the pipeline's dispatch
+and the report's titles all read this registry.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+
+from .base import Task, TaskInputs, TaskNeeds, TaskOutput
+
+__all__ = ["Task", "TaskInputs", "TaskNeeds", "TaskOutput", "register_task", "get_task", "task_names",
+           "all_tasks", "spec_task_names", "close_task_names"]
+
+# name -> module defining ``TASK`` (imported lazily: some pull in torch or scikit-learn)
+_BUILTIN = {
+    "zeroshot": "clipbench.tasks.zeroshot",
+    "linear_probe": "clipbench.tasks.linear_probe",
+    "few_shot": "clipbench.tasks.few_shot",
+    "retrieval": "clipbench.tasks.retrieval",
+}
+_REGISTRY: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    """Add ``task`` under ``task.name`` (replacing a task of that name); returns it."""
+    for attr in ("name", "title", "spec_task", "needs", "settings", "run"):
+        if not hasattr(task, attr):
+            raise TypeError(f"a task needs the attribute {attr!r} (see clipbench.tasks.base.Task)")
+    _REGISTRY[task.name] = task
+    return task
+
+
+def _load_builtins() -> None:
+    for name, module in _BUILTIN.items():
+        if name not in _REGISTRY:
+            register_task(importlib.import_module(module).TASK)
+
+
+def task_names() -> list[str]:
+    """Every registered task name, built-ins first, in registration order."""
+    return list(dict.fromkeys([*_BUILTIN, *_REGISTRY]))
+
+
+def close_task_names(name: str) -> str:
+    """" (did you mean ...?)" for a misspelt task name, or ""."""
+    close = difflib.get_close_matches(name, task_names(), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``.
+
+    Raises:
+        KeyError: no such task; the message lists the registered ones.
+    """
+    if name in _BUILTIN and name not in _REGISTRY:
+        register_task(importlib.import_module(_BUILTIN[name]).TASK)
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown task {name!r}{close_task_names(name)}; registered tasks: "
+                       f"{', '.join(task_names())}")
+    return _REGISTRY[name]
+
+
+def all_tasks() -> list[Task]:
+    _load_builtins()
+    return [_REGISTRY[name] for name in task_names()]
+
+
+def spec_task_names() -> list[str]:
+    """The names a dataset spec's ``tasks`` field may hold (a spec declares the data a task
+    family needs; e.g. ``linear_probe`` enables both the linear and the few-shot probe)."""
+    return list(dict.fromkeys(task.spec_task for task in all_tasks()))

@@ -40,6 +40,7 @@ from sklearn.linear_model import LogisticRegression
 from clipbench.errors import ClipbenchError
 from clipbench.metrics import classification_metrics, compute_metric
 from clipbench.tasks import torch_logreg
+from clipbench.tasks.base import TaskInputs, TaskNeeds, TaskOutput
 
 logger = logging.getLogger(__name__)
 
@@ -577,3 +578,66 @@ def few_shot(
         per_k[int(k)] = FewShotK(float(np.mean(scores)), std, scores, chosen, shot_sets)
         logger.info("few-shot k=%d: %s %.4f +- %.4f", k, primary_metric, per_k[int(k)].mean, std)
     return FewShotResult(primary_metric, [int(s) for s in seeds], per_k, val_source, len(val_y))
+
+
+@dataclass(frozen=True)
+class ProbeSplits:
+    """Train / validation / test features and labels of a probe, and where validation came from."""
+
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+    val_source: str
+    feature_kind: str
+
+
+def probe_splits(inputs: TaskInputs) -> ProbeSplits:
+    """The probe's splits from the task inputs: the spec's validation split when it has one, else
+    a stratified ``val_fraction`` of train (:func:`stratified_val_split`, seeded by the run's
+    seed); ``settings["probe_features"]`` picks projected or pre-projection features."""
+    spec, settings, images = inputs.spec, inputs.settings, inputs.images
+    kind = settings["probe_features"]
+
+    def arrays(role: str) -> tuple[np.ndarray, np.ndarray]:
+        split = images[role]
+        return (split.pre_projection if kind == "pre_projection" else split.projected), split.targets
+
+    (tx, ty), test = arrays("train"), arrays("test")
+    if "val" in images:
+        val, val_source = arrays("val"), "the dataset's validation split"
+    else:
+        seed = settings["seed"]
+        tr, va = stratified_val_split(ty, spec.val_fraction, seed)
+        (tx, ty), val = (tx[tr], ty[tr]), (tx[va], ty[va])
+        val_source = f"stratified {spec.val_fraction:g} of train (seed {seed})"
+    if kind == "pre_projection":
+        kind = images["train"].pre_projection_kind  # "embedding" for towers without a separate projection
+    return ProbeSplits((tx, ty), val, test, val_source, kind)
+
+
+class LinearProbeTask:
+    """The paper's linear probe: C swept on validation, refit on train + validation, test scored."""
+
+    name = "linear_probe"
+    title = "Linear probe"
+    spec_task = "linear_probe"
+
+    def needs(self, spec) -> TaskNeeds:
+        return TaskNeeds(roles=("train", "val", "test"))
+
+    def settings(self, config) -> dict:
+        return {"probe_solver": config.probe_solver, "probe_features": config.probe_features,
+                "seed": config.seed, "n_jobs": config.probe_jobs}
+
+    def run(self, inputs: TaskInputs) -> TaskOutput:
+        spec, settings = inputs.spec, inputs.settings
+        splits = probe_splits(inputs)
+        result = linear_probe(*splits.train, *splits.val, *splits.test, primary_metric=spec.primary_metric,
+                              multilabel=spec.multilabel, solver=settings["probe_solver"],
+                              device=inputs.device, num_classes=spec.num_classes, n_jobs=settings["n_jobs"])
+        details = {**result.record_details(), "feature_kind": splits.feature_kind,
+                   "validation": splits.val_source}
+        return TaskOutput(metrics=result.metrics, n_samples=result.n_test, details=details)
+
+
+TASK = LinearProbeTask()

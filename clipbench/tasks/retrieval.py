@@ -32,10 +32,11 @@ import torch
 
 from clipbench.errors import ClipbenchError
 from clipbench.metrics import percentile_interval, resample_indices
+from clipbench.tasks.base import TaskInputs, TaskNeeds, TaskOutput
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RetrievalResult", "retrieval_metrics", "recall_confidence_interval"]
+__all__ = ["RetrievalResult", "retrieval_metrics", "recall_confidence_interval", "TASK"]
 
 # Images that query no caption (they have none) get this value in `image_to_text_ranks`.
 NO_CAPTION_RANK = -1
@@ -354,3 +355,35 @@ def _check_text_to_image(text_to_image: np.ndarray, n_captions: int, n_images: i
             "a row of image_features."
         )
     return targets
+
+
+class RetrievalTask:
+    """Zero-shot retrieval over the test images and all their captions, both directions."""
+
+    name = "retrieval"
+    title = "Zero-shot retrieval"
+    spec_task = "retrieval"
+
+    def needs(self, spec) -> TaskNeeds:
+        return TaskNeeds(roles=("test",), text="captions")
+
+    def settings(self, config) -> dict:
+        return {"recall_k": list(config.recall_k), "n_bootstrap": config.n_bootstrap, "seed": config.seed}
+
+    def run(self, inputs: TaskInputs) -> TaskOutput:
+        spec, settings, captions = inputs.spec, inputs.settings, inputs.captions
+        images = inputs.images["test"].projected
+        result = retrieval_metrics(images, captions.features, captions.owner,
+                                   recall_k=tuple(settings["recall_k"]), device=inputs.device)
+        intervals = {}
+        metric = spec.primary_metric
+        if settings["n_bootstrap"] and metric in result.metrics and _RECALL_RE.match(metric):
+            intervals[metric] = recall_confidence_interval(result, captions.owner, metric,
+                                                           settings["n_bootstrap"], seed=settings["seed"])
+        details = {"n_images": result.n_images, "n_captions": result.n_captions,
+                   "bootstrap_unit": "image (with all its captions)"}
+        return TaskOutput(metrics=result.metrics, n_samples=result.n_images,
+                          confidence_intervals=intervals, details=details)
+
+
+TASK = RetrievalTask()

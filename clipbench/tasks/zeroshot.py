@@ -12,6 +12,7 @@ import numpy as np
 
 from clipbench import metrics
 from clipbench.errors import ClipbenchError
+from clipbench.tasks.base import TaskInputs, TaskNeeds, TaskOutput
 
 _PLACEHOLDERS = ("{c}", "{}")
 # Tolerance on the L2 norm of "normalized" image features: fp16/bf16 features are about 1e-3 off.
@@ -173,3 +174,39 @@ def evaluate(
         n_samples=int(logits.shape[0]),
         logits=logits if keep_logits else None,
     )
+
+
+class ZeroShotTask:
+    """Zero-shot classification of the test split with the spec's prompt ensemble."""
+
+    name = "zeroshot"
+    title = "Zero-shot"
+    spec_task = "zeroshot"
+
+    def needs(self, spec) -> TaskNeeds:
+        return TaskNeeds(roles=("test",), text="class_prompts")
+
+    def settings(self, config) -> dict:
+        return {"n_bootstrap": config.n_bootstrap, "seed": config.seed}
+
+    def run(self, inputs: TaskInputs) -> TaskOutput:
+        spec, prompts, test = inputs.spec, inputs.class_prompts, inputs.images["test"]
+        weights = class_weights(prompts.features, len(prompts.classnames))
+        subset = np.asarray(spec.class_subset) if spec.class_subset else None
+        result = evaluate(test.projected, weights, test.targets, spec.primary_metric,
+                          multilabel=spec.multilabel, class_subset=subset,
+                          n_bootstrap=inputs.settings["n_bootstrap"], seed=inputs.settings["seed"])
+        details = {"n_classes": spec.num_classes, "n_templates": len(prompts.templates)}
+        classnames = prompts.classnames
+        if spec.class_subset:
+            details["logits_restricted_to_class_subset"] = len(spec.class_subset)
+            classnames = [classnames[i] for i in spec.class_subset]
+        return TaskOutput(
+            metrics=result.metrics, n_samples=result.n_samples,
+            confidence_intervals=result.confidence_intervals, details=details,
+            per_class={"classnames": classnames, "per_class": result.per_class},
+            config={"templates_origin": prompts.origin},
+        )
+
+
+TASK = ZeroShotTask()

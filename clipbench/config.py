@@ -1,0 +1,140 @@
+"""The settings of one `clipbench run`: every default is stated here once.
+
+`clipbench.cli` builds its flags' defaults from :class:`RunConfig`; `clipbench.pipeline.run` takes a
+``RunConfig`` and fills the choices left open (``None``) with :meth:`RunConfig.resolved`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ClipbenchError
+from .paths import default_cache_dir, default_data_root
+
+#: The embedded offline default: a tiny CLIP trained on clipbench's synthetic world.
+EMBEDDED_MODEL = "clipbench-tiny"
+EMBEDDED_PRETRAINED = "synthetic"
+EMBEDDED_DATASETS = ("default",)
+#: Tasks and datasets of a run with a user-chosen model.
+MODEL_DATASETS = ("paper", "retrieval")
+MODEL_TASKS = ("zeroshot", "linear_probe", "retrieval")
+PRECISIONS = ("fp32", "fp16", "bf16", "amp")
+DEVICES = ("auto", "cpu", "cuda")
+PROBE_SOLVERS = ("sklearn", "torch")
+PROBE_FEATURES = ("pre_projection", "projected")
+
+
+@dataclass
+class RunConfig:
+    """Everything `clipbench run` needs.
+
+    ``model``/``pretrained`` None means the embedded default; ``datasets``/``tasks`` None mean the
+    defaults for that model (:meth:`resolved`).
+    """
+
+    model: str | None = None
+    pretrained: str | None = None
+    datasets: list[str] | None = None
+    tasks: list[str] | None = None
+    data_root: Path | None = None
+    output: Path = Path("results")
+    cache_dir: Path | None = None
+    batch_size: int = 256
+    #: prompts per text-encoder batch; None: 1024 on GPU (2x faster than one class per batch on an
+    #: H100), 128 on CPU (where large batches are slower; benchmarks/prompt_encoding.py)
+    text_batch_size: int | None = None
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    device: str = "auto"
+    #: requested precision; records state what the loaded model actually ran at
+    precision: str = "amp"
+    seed: int = 0
+    force: bool = False
+    allow_download: bool = True
+    probe_solver: str = "sklearn"
+    probe_features: str = "pre_projection"
+    probe_jobs: int = field(default_factory=lambda: min(7, os.cpu_count() or 1))
+    few_shot_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    few_shot_seeds: int = 3
+    recall_k: list[int] = field(default_factory=lambda: [1, 5, 10])
+    n_bootstrap: int = 1000
+    templates_file: Path | None = None
+    classnames_file: Path | None = None
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default value of field ``name`` (for argparse)."""
+        f = {f.name: f for f in dataclasses.fields(cls)}[name]
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    @property
+    def embedded(self) -> bool:
+        return self.model is None
+
+    def resolved(self) -> "RunConfig":
+        """A copy with every open choice filled in: model, datasets, tasks and directories."""
+        embedded = self.embedded
+        cache = Path(self.cache_dir or default_cache_dir()).expanduser()
+        if self.data_root is not None:
+            data_root = Path(self.data_root)
+        elif os.environ.get("CLIPBENCH_DATA_ROOT") or self.cache_dir is None:
+            data_root = default_data_root()
+        else:  # an explicit --cache-dir keeps generated data beside the features
+            data_root = cache / "data"
+        from .tasks import task_names
+
+        return dataclasses.replace(
+            self,
+            model=EMBEDDED_MODEL if embedded else self.model,
+            pretrained=EMBEDDED_PRETRAINED if embedded and self.pretrained is None else self.pretrained,
+            datasets=list(self.datasets or (EMBEDDED_DATASETS if embedded else MODEL_DATASETS)),
+            tasks=list(self.tasks if self.tasks is not None else
+                       (task_names() if embedded else MODEL_TASKS)),
+            data_root=data_root.expanduser(),
+            cache_dir=cache,
+            output=Path(self.output).expanduser(),
+        )
+
+    def validate(self) -> None:
+        """Refuse settings that cannot give a result, before anything is loaded or computed.
+
+        Raises:
+            ClipbenchError: naming the flag, the bad value and what is accepted.
+        """
+        from .tasks import close_task_names, task_names
+
+        problems = []
+        if self.tasks is not None:
+            if not self.tasks:
+                problems.append(f"--tasks names no task; choose from {', '.join(task_names())}")
+            for name in self.tasks:
+                if name not in task_names():
+                    problems.append(f"unknown task {name!r}{close_task_names(name)}; choose from "
+                                    f"{', '.join(task_names())}")
+        checks = [
+            ("--batch-size", self.batch_size, self.batch_size >= 1, "an integer >= 1"),
+            ("--workers", self.workers, self.workers >= 0, "an integer >= 0 (0 loads data in the main process)"),
+            ("--bootstrap", self.n_bootstrap, self.n_bootstrap >= 0, "an integer >= 0 (0 disables intervals)"),
+            ("--few-shot-seeds", self.few_shot_seeds, self.few_shot_seeds >= 1, "an integer >= 1"),
+            ("--few-shot", self.few_shot_k, bool(self.few_shot_k) and min(self.few_shot_k) >= 1,
+             "shots per class >= 1, e.g. 1,2,4,8,16"),
+            ("--recall-k", self.recall_k, bool(self.recall_k) and min(self.recall_k) >= 1,
+             "k values >= 1, e.g. 1,5,10"),
+            ("--precision", self.precision, self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            ("--probe-solver", self.probe_solver, self.probe_solver in PROBE_SOLVERS,
+             f"one of {', '.join(PROBE_SOLVERS)}"),
+            ("--probe-features", self.probe_features, self.probe_features in PROBE_FEATURES,
+             f"one of {', '.join(PROBE_FEATURES)}"),
+        ]
+        if self.text_batch_size is not None:
+            checks.append(("text_batch_size", self.text_batch_size, self.text_batch_size >= 1, "an integer >= 1"))
+        problems += [f"{flag} {value!r} is invalid: expected {expected}" for flag, value, ok, expected in checks
+                     if not ok]
+        for flag, path in (("--output", self.output), ("--cache-dir", self.cache_dir)):
+            if path is not None and Path(path).exists() and not Path(path).is_dir():
+                problems.append(f"{flag} {path} is a file, not a directory; pass a directory")
+        if problems:
+            raise ClipbenchError("Invalid run settings: " + "; ".join(problems) + ".")
