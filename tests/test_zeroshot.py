@@ -143,3 +143,9 @@ def test_evaluate_multilabel_reports_map():
 def test_evaluate_rejects_bad_input(images, weights, subset, message):
     with pytest.raises(ValueError, match=message):
         zeroshot.evaluate(images, weights, np.array([0, 1]), "accuracy", class_subset=subset)
+
+
+def test_has_placeholder_accepts_either_placeholder():
+    assert zeroshot.has_placeholder("a photo of a {c}.")
+    assert zeroshot.has_placeholder("a photo of a {}.")
+    assert not zeroshot.has_placeholder("a photo of a {class}.")
