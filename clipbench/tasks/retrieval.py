@@ -112,7 +112,7 @@ def retrieval_metrics(
         TypeError: on features that are not floating-point or caption indices that are not integers.
     """
     ks = _check_recall_k(recall_k)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    if not _is_positive_int(chunk_size):
         raise ValueError(
             f"retrieval chunk_size must be a positive integer, got {chunk_size!r}. "
             "Pass e.g. chunk_size=4096 (smaller uses less memory, larger is faster)."
@@ -290,9 +290,14 @@ def recall_confidence_interval(
     return percentile_interval(np.concatenate(statistics), confidence)
 
 
+def _is_positive_int(value: object) -> bool:
+    """A Python or numpy integer >= 1 (a bool is not a count)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
 def _check_recall_k(recall_k: Iterable[int]) -> tuple[int, ...]:
     ks = tuple(recall_k)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+    if not ks or not all(_is_positive_int(k) for k in ks):
         raise ValueError(
             f"recall_k must be a non-empty sequence of positive integers, got {recall_k!r}. "
             "Pass e.g. recall_k=(1, 5, 10), the CLIP paper's values."
