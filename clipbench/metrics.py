@@ -1,8 +1,15 @@
-"""Classification metrics of the CLIP paper (Table 9) and their bootstrap confidence intervals.
+"""Classification metrics of the CLIP paper (Table 9), their bootstrap confidence intervals, and
+the names of the retrieval metrics.
 
 Pure numpy functions: arrays in, Python floats out. All values are fractions in [0, 1] and never NaN;
-an undefined metric (no positive sample, a single class for ROC AUC, ...) raises
-:class:`~clipbench.errors.ClipbenchError` instead.
+an undefined metric (no positive sample, a single class for ROC AUC, ...) or a malformed input
+raises :class:`ValueError` (:class:`TypeError` for an array of the wrong dtype) instead.
+
+Every classification metric is a :class:`Metric` in a registry: :func:`register_metric` adds one,
+:func:`get_metric` looks one up, and :func:`compute_metric` / :func:`bootstrap_distribution` read
+it. Retrieval metrics (``text_to_image_R@{k}``, ``image_to_text_R@{k}``, ``rsum``) are computed
+from ranks by :mod:`clipbench.tasks.retrieval`; their names are parsed by
+:func:`parse_recall_metric` and :func:`is_retrieval_metric`.
 
 Conventions shared by every function:
 
@@ -19,25 +26,17 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+import difflib
+import functools
 import logging
+import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-from clipbench.errors import ClipbenchError
-
 logger = logging.getLogger(__name__)
-
-#: Classification metric names accepted by :func:`compute_metric` (see docs/architecture.md).
-CLASSIFICATION_METRICS = (
-    "accuracy",
-    "top5_accuracy",
-    "mean_per_class_recall",
-    "map_11point",
-    "roc_auc",
-    "mean_top1_top5",
-)
-_MULTILABEL_METRICS = ("map_11point",)
 
 # Bootstrap resamples are processed in chunks of about this many (resample, sample) cells, which
 # bounds the temporary arrays to a few tens of MB whatever N is.
@@ -51,7 +50,7 @@ _BOOTSTRAP_CHUNK_CELLS = 1_000_000
 def _as_scores(scores: np.ndarray, ndim: int, name: str = "scores") -> np.ndarray:
     scores = np.asarray(scores)
     if scores.ndim != ndim:
-        raise ClipbenchError(
+        raise ValueError(
             f"{name} must be a {ndim}-D array, got shape {scores.shape}. "
             + ("Pass one row of class scores per sample, shape (N, C)." if ndim == 2
                else "Pass one score per sample, shape (N,).")
@@ -59,9 +58,9 @@ def _as_scores(scores: np.ndarray, ndim: int, name: str = "scores") -> np.ndarra
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(np.float64)
     if scores.shape[0] == 0:
-        raise ClipbenchError(f"{name} is empty: a metric needs at least one sample.")
+        raise ValueError(f"{name} is empty: a metric needs at least one sample.")
     if not np.isfinite(scores).all():
-        raise ClipbenchError(
+        raise ValueError(
             f"{name} contains NaN or infinite values; check the features and classifier weights "
             "(e.g. a zero-norm embedding or an fp16 overflow) before computing metrics."
         )
@@ -73,19 +72,19 @@ def _check_single_label(scores: np.ndarray, targets: np.ndarray) -> tuple[np.nda
     scores = _as_scores(scores, 2)
     targets = np.asarray(targets)
     if targets.ndim != 1 or targets.shape[0] != scores.shape[0]:
-        raise ClipbenchError(
+        raise ValueError(
             f"targets must have shape (N,) = ({scores.shape[0]},) to match scores {scores.shape}, "
             f"got {targets.shape}. Multi-label targets (N, C) are only valid for map_11point."
         )
     if not (np.issubdtype(targets.dtype, np.integer) or np.issubdtype(targets.dtype, np.bool_)):
-        raise ClipbenchError(
+        raise TypeError(
             f"targets must be integer class indices, got dtype {targets.dtype}; convert labels to "
             "indices into the class list first."
         )
     targets = targets.astype(np.int64)
     num_classes = scores.shape[1]
     if targets.min() < 0 or targets.max() >= num_classes:
-        raise ClipbenchError(
+        raise ValueError(
             f"targets must lie in [0, {num_classes}) (one column of scores per class), got values "
             f"in [{targets.min()}, {targets.max()}]. Check the class list, or pass class_subset "
             "targets as indices into the subset."
@@ -98,11 +97,11 @@ def _check_binary(scores: np.ndarray, targets: np.ndarray, name: str) -> tuple[n
     scores = _as_scores(scores, 1)
     targets = np.asarray(targets)
     if targets.shape != scores.shape:
-        raise ClipbenchError(
+        raise ValueError(
             f"{name}: targets must have the same shape as scores {scores.shape}, got {targets.shape}."
         )
     if not np.isin(targets, (0, 1)).all():
-        raise ClipbenchError(
+        raise ValueError(
             f"{name}: targets must be 0/1 (negative/positive), got values {np.unique(targets)[:10]}."
         )
     return scores, targets.astype(bool)
@@ -113,12 +112,12 @@ def _check_multilabel(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarr
     scores = _as_scores(scores, 2)
     targets = np.asarray(targets)
     if targets.shape != scores.shape:
-        raise ClipbenchError(
+        raise ValueError(
             f"multi-label targets must be an (N, C) 0/1 matrix of the same shape as scores "
             f"{scores.shape}, got {targets.shape}. Single-label datasets use accuracy-type metrics."
         )
     if not np.isin(targets, (0, 1)).all():
-        raise ClipbenchError("multi-label targets must contain only 0 and 1.")
+        raise ValueError("multi-label targets must contain only 0 and 1.")
     return scores, targets.astype(bool)
 
 
@@ -155,7 +154,7 @@ def topk_accuracy(scores: np.ndarray, targets: np.ndarray, k: int = 1) -> float:
     """
     scores, targets = _check_single_label(scores, targets)
     if not 1 <= k <= scores.shape[1]:
-        raise ClipbenchError(
+        raise ValueError(
             f"top-{k} accuracy needs 1 <= k <= number of classes ({scores.shape[1]}); "
             "top5_accuracy is only reported for datasets with more than 5 classes."
         )
@@ -186,7 +185,7 @@ def per_class_recall(scores: np.ndarray, targets: np.ndarray, num_classes: int) 
     """
     scores, targets = _check_single_label(scores, targets)
     if scores.shape[1] != num_classes:
-        raise ClipbenchError(
+        raise ValueError(
             f"scores have {scores.shape[1]} columns but num_classes is {num_classes}; they must agree."
         )
     predictions = np.argmax(scores, axis=1)
@@ -267,7 +266,7 @@ def average_precision_11point(scores: np.ndarray, targets: np.ndarray) -> float:
     """
     scores, targets = _check_binary(scores, targets, "average_precision_11point")
     if not targets.any():
-        raise ClipbenchError(
+        raise ValueError(
             "average_precision_11point is undefined without a positive sample; leave such classes "
             "out (map_11point does)."
         )
@@ -306,7 +305,7 @@ def map_11point(scores: np.ndarray, targets: np.ndarray) -> float:
     """
     aps = [entry["ap"] for entry in per_class_ap(scores, targets) if entry["ap"] is not None]
     if not aps:
-        raise ClipbenchError("map_11point is undefined: no class has a positive sample.")
+        raise ValueError("map_11point is undefined: no class has a positive sample.")
     return float(np.mean(aps))
 
 
@@ -325,7 +324,7 @@ def roc_auc(scores: np.ndarray, targets: np.ndarray) -> float:
     num_pos = int(targets.sum())
     num_neg = targets.size - num_pos
     if num_pos == 0 or num_neg == 0:
-        raise ClipbenchError(
+        raise ValueError(
             "roc_auc needs both positive and negative samples; the evaluated split has only one class."
         )
     _, group, counts = np.unique(scores, return_inverse=True, return_counts=True)
@@ -336,84 +335,119 @@ def roc_auc(scores: np.ndarray, targets: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# dispatch
+# the metric registry
+
+#: What a metric's inputs are; :func:`compute_metric` validates them per kind (see :class:`Metric`).
+MetricKind = Literal["single_label", "multilabel", "binary"]
+
+#: ``resampled(scores, targets)`` -> a function from bootstrap indices (R, N) to R metric values.
+ResampledForm = Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]]
 
 
-def _prepare(name: str, scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Validate inputs for metric ``name``; (N, 2) scores for roc_auc become scores[:, 1] - scores[:, 0]."""
-    if name not in CLASSIFICATION_METRICS:
-        raise ClipbenchError(
-            f"unknown classification metric {name!r}; expected one of {', '.join(CLASSIFICATION_METRICS)}."
-        )
-    if name == "map_11point":
-        return _check_multilabel(scores, targets)
-    if name == "roc_auc":
-        scores = np.asarray(scores)
-        if scores.ndim == 2:
-            if scores.shape[1] != 2:
-                raise ClipbenchError(
-                    f"roc_auc is a binary metric: scores must be (N,) or (N, 2), got {scores.shape}."
-                )
-            scores = scores[:, 1].astype(np.float64) - scores[:, 0]
-        return _check_binary(scores, targets, "roc_auc")
-    return _check_single_label(scores, targets)
+@dataclass(frozen=True)
+class Metric:
+    """One classification metric, as registered with :func:`register_metric`.
 
-
-def compute_metric(name: str, scores: np.ndarray, targets: np.ndarray) -> float:
-    """Compute classification metric ``name`` (one of :data:`CLASSIFICATION_METRICS`).
-
-    Args:
-        name: metric name from docs/architecture.md.
-        scores: (N, C) float; for ``roc_auc`` also (N,) scores of the positive class, and (N, 2)
-            scores are reduced to ``scores[:, 1] - scores[:, 0]`` (class 1 is positive).
-        targets: (N,) int class indices, or (N, C) 0/1 for ``map_11point``.
+    Attributes:
+        name: the name used in dataset specs and result records, e.g. ``"accuracy"``.
+        kind: the inputs ``compute`` takes, validated by :func:`compute_metric`:
+            ``"single_label"``: (N, C) scores and (N,) int class indices in [0, C);
+            ``"multilabel"``: (N, C) scores and an (N, C) 0/1 matrix;
+            ``"binary"``: (N,) scores of the positive class and (N,) 0/1 targets (callers may pass
+            (N, 2) scores, reduced to ``scores[:, 1] - scores[:, 0]``).
+        compute: ``compute(scores, targets) -> float`` on inputs of that kind; raises ValueError
+            where the metric is undefined (e.g. a single class for ROC AUC).
+        resampled: ``resampled(scores, targets)`` returns a function mapping bootstrap indices
+            (R, N) to the metric on each resample (R,), NaN where it is undefined; it must equal
+            ``compute(scores[idx[r]], targets[idx[r]])`` for every row r. None: the bootstrap
+            recomputes ``compute`` on each resample instead (exact, but a Python loop).
+        min_classes: fewest score columns the metric is defined for (5 for top-5 accuracy).
+        description: one line for listings and docs.
     """
-    scores, targets = _prepare(name, scores, targets)
-    if name == "accuracy":
-        return topk_accuracy(scores, targets, 1)
-    if name == "top5_accuracy":
-        return topk_accuracy(scores, targets, 5)
-    if name == "mean_per_class_recall":
-        return mean_per_class_recall(scores, targets)
-    if name == "map_11point":
-        return map_11point(scores, targets)
-    if name == "roc_auc":
-        return roc_auc(scores, targets)
-    return mean_top1_top5(scores, targets)
+
+    name: str
+    kind: MetricKind
+    compute: Callable[[np.ndarray, np.ndarray], float]
+    resampled: ResampledForm | None
+    min_classes: int = 1
+    description: str = ""
 
 
-def classification_metrics(
-    scores: np.ndarray, targets: np.ndarray, primary_metric: str, multilabel: bool = False
-) -> dict[str, float]:
-    """The metrics recorded for a classification evaluation.
+def _binary_inputs(name: str, scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) or (N, 2) scores (class 1 is positive) and (N,) 0/1 targets -> (N,) scores, bool targets."""
+    scores = np.asarray(scores)
+    if scores.ndim == 2:
+        if scores.shape[1] != 2:
+            raise ValueError(
+                f"{name} is a binary metric: scores must be (N,) or (N, 2), got {scores.shape}."
+            )
+        scores = scores[:, 1].astype(np.float64) - scores[:, 0]
+    return _check_binary(scores, targets, name)
 
-    Single-label: ``primary_metric`` plus ``accuracy``, ``top5_accuracy`` (only when C > 5) and
-    ``mean_per_class_recall``. Multi-label: ``map_11point`` (the only multi-label metric).
 
-    Args:
-        scores: (N, C) float.
-        targets: (N,) int, or (N, C) 0/1 when ``multilabel``.
-        primary_metric: the dataset's metric name (docs/architecture.md).
-        multilabel: whether ``targets`` is a 0/1 matrix.
+# kind -> validation of (metric name, scores, targets), returning the arrays `compute` takes
+_KIND_INPUTS: dict[str, Callable[[str, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]] = {
+    "single_label": lambda _name, scores, targets: _check_single_label(scores, targets),
+    "multilabel": lambda _name, scores, targets: _check_multilabel(scores, targets),
+    "binary": _binary_inputs,
+}
+
+_REGISTRY: dict[str, Metric] = {}
+
+
+def register_metric(metric: Metric) -> Metric:
+    """Add ``metric`` to the registry read by :func:`compute_metric`, the bootstrap and spec validation.
 
     Returns:
-        name -> value in [0, 1], never NaN; the primary metric first.
+        ``metric``, so a module can keep it under a name.
+
+    Raises:
+        ValueError: the name is taken, or the kind or ``min_classes`` is invalid.
     """
-    if multilabel != (primary_metric in _MULTILABEL_METRICS):
-        raise ClipbenchError(
-            f"primary metric {primary_metric!r} does not fit a "
-            f"{'multi' if multilabel else 'single'}-label dataset; multi-label datasets use "
-            "map_11point and single-label datasets any other classification metric. Fix the "
-            "dataset spec's primary_metric or multilabel field."
+    if not isinstance(metric.name, str) or not metric.name:
+        raise ValueError(f"a metric needs a non-empty string name, got {metric.name!r}.")
+    if metric.name in _REGISTRY:
+        raise ValueError(
+            f"metric {metric.name!r} is already registered; choose another name (a registered "
+            "metric is never replaced, so records keep one meaning per name)."
         )
-    names = [primary_metric]
-    if not multilabel:
-        names += ["accuracy"] + (["top5_accuracy"] if np.shape(scores)[1] > 5 else []) + ["mean_per_class_recall"]
-    return {name: compute_metric(name, scores, targets) for name in dict.fromkeys(names)}
+    if metric.kind not in _KIND_INPUTS:
+        raise ValueError(
+            f"metric {metric.name!r} has kind {metric.kind!r}; use one of {', '.join(_KIND_INPUTS)}."
+        )
+    if not isinstance(metric.min_classes, int) or metric.min_classes < 1:
+        raise ValueError(f"metric {metric.name!r}: min_classes must be an integer >= 1, got {metric.min_classes!r}.")
+    _REGISTRY[metric.name] = metric
+    return metric
+
+
+def get_metric(name: str) -> Metric:
+    """The registered metric called ``name``.
+
+    Raises:
+        ValueError: unknown name; the message lists the close names and every registered one.
+    """
+    metric = _REGISTRY.get(name)
+    if metric is not None:
+        return metric
+    names = list(_REGISTRY)
+    close = difflib.get_close_matches(str(name), names, n=3)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    if is_retrieval_metric(name):
+        hint += " It is a retrieval metric: clipbench.tasks.retrieval.retrieval_metrics computes it."
+    raise ValueError(
+        f"unknown classification metric {name!r}.{hint} Registered metrics: {', '.join(names)}; "
+        "add another with clipbench.metrics.register_metric."
+    )
+
+
+def metric_names(kind: MetricKind | None = None) -> tuple[str, ...]:
+    """Names of the registered metrics (of one ``kind`` when given), in registration order."""
+    return tuple(name for name, metric in _REGISTRY.items() if kind is None or metric.kind == kind)
 
 
 # --------------------------------------------------------------------------------------------
-# bootstrap
+# bootstrap resampling (used by the resampled forms below)
 
 
 def resample_indices(n_samples: int, n_resamples: int, seed: int = 0) -> Iterator[np.ndarray]:
@@ -441,50 +475,63 @@ def _row_bincount(values: np.ndarray, size: int, weights: np.ndarray | None = No
     return counts.reshape(values.shape[0], size)
 
 
-def _resampled_metric(name: str, scores: np.ndarray, targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """A function mapping resample indices (R, N) to the metric on each resample (R,).
+# --------------------------------------------------------------------------------------------
+# the built-in metrics: each one's resampled form beside its registration. The resampled forms
+# reuse one pass over the full data and equal recomputing the metric on every resample.
 
-    Exact equivalents of recomputing the metric on ``scores[idx[r]], targets[idx[r]]`` that reuse
-    one pass over the full data: accuracy-type metrics are means of a per-sample value; mean
-    per-class recall and ROC AUC come from per-resample class / tied-score-group counts; 11-point AP
-    from the resample multiplicities read along each class's fixed ranking. A resample where the
-    metric is undefined (e.g. one class only) gets NaN.
-    """
-    if name in ("accuracy", "top5_accuracy", "mean_top1_top5"):
-        ranks = _target_ranks(scores, targets)
-        top1, top5 = (ranks < 1).astype(np.float64), (ranks < 5).astype(np.float64)
-        per_sample = {"accuracy": top1, "top5_accuracy": top5, "mean_top1_top5": (top1 + top5) / 2.0}[name]
-        return lambda idx: per_sample[idx].mean(axis=1)
 
-    if name == "mean_per_class_recall":
-        correct = (np.argmax(scores, axis=1) == targets).astype(np.float64)
-        num_classes = scores.shape[1]
+def _resampled_per_sample_mean(per_sample: Callable[[np.ndarray], np.ndarray]) -> ResampledForm:
+    """Resampled form of a mean of a per-sample value computed from the target ranks."""
 
-        def mean_recall(idx: np.ndarray) -> np.ndarray:
-            counts = _row_bincount(targets[idx], num_classes)
-            hits = _row_bincount(targets[idx], num_classes, correct[idx])
-            recall = np.divide(hits, counts, out=np.zeros_like(hits), where=counts > 0)
-            return recall.sum(axis=1) / (counts > 0).sum(axis=1)
+    def form(scores: np.ndarray, targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        values = per_sample(_target_ranks(scores, targets))
+        return lambda idx: values[idx].mean(axis=1)
 
-        return mean_recall
+    return form
 
-    if name == "roc_auc":
-        _, group = np.unique(scores, return_inverse=True)
-        group = group.ravel()  # ascending index of each sample's tied-score group
-        num_groups = int(group.max()) + 1
-        positive = targets.astype(np.float64)
 
-        def auc(idx: np.ndarray) -> np.ndarray:
-            positives = _row_bincount(group[idx], num_groups, positive[idx])
-            negatives = _row_bincount(group[idx], num_groups, 1.0 - positive[idx])
-            negatives_below = np.cumsum(negatives, axis=1) - negatives
-            wins = (positives * (negatives_below + 0.5 * negatives)).sum(axis=1)
-            pairs = positives.sum(axis=1) * negatives.sum(axis=1)
-            return np.divide(wins, pairs, out=np.full_like(wins, np.nan), where=pairs > 0)
+register_metric(Metric(
+    name="accuracy",
+    kind="single_label",
+    compute=functools.partial(topk_accuracy, k=1),
+    resampled=_resampled_per_sample_mean(lambda ranks: (ranks < 1).astype(np.float64)),
+    description="top-1 accuracy: fraction of samples whose argmax class is the target",
+))
+register_metric(Metric(
+    name="top5_accuracy",
+    kind="single_label",
+    compute=functools.partial(topk_accuracy, k=5),
+    resampled=_resampled_per_sample_mean(lambda ranks: (ranks < 5).astype(np.float64)),
+    min_classes=5,
+    description="top-5 accuracy: fraction of samples whose target is among the 5 highest-scored classes",
+))
 
-        return auc
 
-    # map_11point
+def _resampled_mean_per_class_recall(scores: np.ndarray, targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """From per-resample class counts and hit counts."""
+    correct = (np.argmax(scores, axis=1) == targets).astype(np.float64)
+    num_classes = scores.shape[1]
+
+    def mean_recall(idx: np.ndarray) -> np.ndarray:
+        counts = _row_bincount(targets[idx], num_classes)
+        hits = _row_bincount(targets[idx], num_classes, correct[idx])
+        recall = np.divide(hits, counts, out=np.zeros_like(hits), where=counts > 0)
+        return recall.sum(axis=1) / (counts > 0).sum(axis=1)
+
+    return mean_recall
+
+
+register_metric(Metric(
+    name="mean_per_class_recall",
+    kind="single_label",
+    compute=mean_per_class_recall,
+    resampled=_resampled_mean_per_class_recall,
+    description="mean over the classes present of the recall of the argmax prediction (balanced accuracy)",
+))
+
+
+def _resampled_map_11point(scores: np.ndarray, targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """From the resample multiplicities read along each class's fixed ranking."""
     orders = [np.argsort(-scores[:, c], kind="stable") for c in range(scores.shape[1])]
 
     def mean_ap(idx: np.ndarray) -> np.ndarray:
@@ -507,6 +554,145 @@ def _resampled_metric(name: str, scores: np.ndarray, targets: np.ndarray) -> Cal
     return mean_ap
 
 
+register_metric(Metric(
+    name="map_11point",
+    kind="multilabel",
+    compute=map_11point,
+    resampled=_resampled_map_11point,
+    description="VOC2007 mean 11-point interpolated average precision over classes with a positive",
+))
+
+
+def _resampled_roc_auc(scores: np.ndarray, targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """From per-resample positive / negative counts in each group of tied scores."""
+    _, group = np.unique(scores, return_inverse=True)
+    group = group.ravel()  # ascending index of each sample's tied-score group
+    num_groups = int(group.max()) + 1
+    positive = targets.astype(np.float64)
+
+    def auc(idx: np.ndarray) -> np.ndarray:
+        positives = _row_bincount(group[idx], num_groups, positive[idx])
+        negatives = _row_bincount(group[idx], num_groups, 1.0 - positive[idx])
+        negatives_below = np.cumsum(negatives, axis=1) - negatives
+        wins = (positives * (negatives_below + 0.5 * negatives)).sum(axis=1)
+        pairs = positives.sum(axis=1) * negatives.sum(axis=1)
+        return np.divide(wins, pairs, out=np.full_like(wins, np.nan), where=pairs > 0)
+
+    return auc
+
+
+register_metric(Metric(
+    name="roc_auc",
+    kind="binary",
+    compute=roc_auc,
+    resampled=_resampled_roc_auc,
+    min_classes=2,
+    description="area under the ROC curve of the positive class (class 1)",
+))
+register_metric(Metric(
+    name="mean_top1_top5",
+    kind="single_label",
+    compute=mean_top1_top5,
+    resampled=_resampled_per_sample_mean(
+        lambda ranks: ((ranks < 1).astype(np.float64) + (ranks < 5).astype(np.float64)) / 2.0
+    ),
+    min_classes=5,
+    description="mean of top-1 and top-5 accuracy (the paper's Kinetics700 metric)",
+))
+
+#: The built-in classification metrics (see docs/architecture.md); :func:`metric_names` also
+#: lists metrics registered later.
+CLASSIFICATION_METRICS = metric_names()
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+
+
+def _prepare(metric: Metric, scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate inputs for ``metric`` by its kind; returns the arrays its ``compute`` takes."""
+    return _KIND_INPUTS[metric.kind](metric.name, scores, targets)
+
+
+def compute_metric(name: str, scores: np.ndarray, targets: np.ndarray) -> float:
+    """Compute the registered classification metric ``name`` (see :func:`metric_names`).
+
+    Args:
+        name: metric name from docs/architecture.md, or one added by :func:`register_metric`.
+        scores: (N, C) float; for a binary metric (``roc_auc``) also (N,) scores of the positive
+            class, and (N, 2) scores are reduced to ``scores[:, 1] - scores[:, 0]`` (class 1 is
+            positive).
+        targets: (N,) int class indices, or (N, C) 0/1 for a multi-label metric (``map_11point``).
+
+    Raises:
+        ValueError: unknown name (with the close names), malformed input, or an undefined metric.
+    """
+    metric = get_metric(name)
+    scores, targets = _prepare(metric, scores, targets)
+    return metric.compute(scores, targets)
+
+
+def classification_metrics(
+    scores: np.ndarray, targets: np.ndarray, primary_metric: str, multilabel: bool = False
+) -> dict[str, float]:
+    """The metrics recorded for a classification evaluation.
+
+    Single-label: ``primary_metric`` plus ``accuracy``, ``top5_accuracy`` (only when C > 5) and
+    ``mean_per_class_recall``. Multi-label: the primary metric only (``map_11point``).
+
+    Args:
+        scores: (N, C) float.
+        targets: (N,) int, or (N, C) 0/1 when ``multilabel``.
+        primary_metric: the dataset's metric name (docs/architecture.md).
+        multilabel: whether ``targets`` is a 0/1 matrix.
+
+    Returns:
+        name -> value in [0, 1], never NaN; the primary metric first.
+    """
+    if multilabel != (get_metric(primary_metric).kind == "multilabel"):
+        raise ValueError(
+            f"primary metric {primary_metric!r} does not fit a "
+            f"{'multi' if multilabel else 'single'}-label dataset; multi-label datasets use "
+            "map_11point and single-label datasets any other classification metric. Fix the "
+            "dataset spec's primary_metric or multilabel field."
+        )
+    names = [primary_metric]
+    if not multilabel:
+        names += ["accuracy"] + (["top5_accuracy"] if np.shape(scores)[1] > 5 else []) + ["mean_per_class_recall"]
+    return {name: compute_metric(name, scores, targets) for name in dict.fromkeys(names)}
+
+
+# --------------------------------------------------------------------------------------------
+# bootstrap
+
+
+def _recomputed(metric: Metric, scores: np.ndarray, targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The resampled form of a metric without one: ``compute`` on each resample, NaN where undefined."""
+
+    def statistic(idx: np.ndarray) -> np.ndarray:
+        values = np.empty(idx.shape[0])
+        for r, rows in enumerate(idx):
+            try:
+                values[r] = metric.compute(scores[rows], targets[rows])
+            except ValueError:  # undefined on this resample (e.g. a single class)
+                values[r] = np.nan
+        return values
+
+    return statistic
+
+
+def _resampled_metric(name: str, scores: np.ndarray, targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """A function mapping resample indices (R, N) to metric ``name`` on each resample (R,).
+
+    ``scores`` and ``targets`` are already validated for the metric's kind. The registered
+    resampled form when there is one, else :func:`_recomputed`; NaN where the metric is undefined.
+    """
+    metric = get_metric(name)
+    if metric.resampled is None:
+        return _recomputed(metric, scores, targets)
+    return metric.resampled(scores, targets)
+
+
 def bootstrap_distribution(
     scores: np.ndarray, targets: np.ndarray, metric: str, n_resamples: int = 1000, seed: int = 0
 ) -> np.ndarray:
@@ -514,7 +700,7 @@ def bootstrap_distribution(
 
     Args:
         scores, targets: as for :func:`compute_metric`.
-        metric: a name from :data:`CLASSIFICATION_METRICS`.
+        metric: a registered metric name (:func:`metric_names`).
         n_resamples: number of resamples R.
         seed: seed of the resampling (:func:`resample_indices`).
 
@@ -522,19 +708,25 @@ def bootstrap_distribution(
         (R,) float64; NaN for resamples where the metric is undefined (e.g. ROC AUC of a resample
         holding a single class).
     """
-    scores, targets = _prepare(metric, scores, targets)
+    entry = get_metric(metric)
+    scores, targets = _prepare(entry, scores, targets)
     if n_resamples < 1:
-        raise ClipbenchError(f"n_resamples must be >= 1, got {n_resamples}.")
-    if metric in ("top5_accuracy", "mean_top1_top5") and scores.shape[1] < 5:
-        raise ClipbenchError(f"{metric} needs at least 5 classes, got {scores.shape[1]}.")
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}.")
+    # binary scores are (N,) by now: two classes by construction
+    if scores.ndim == 2 and scores.shape[1] < entry.min_classes:
+        raise ValueError(f"{metric} needs at least {entry.min_classes} classes, got {scores.shape[1]}.")
     statistic = _resampled_metric(metric, scores, targets)
     return np.concatenate([statistic(idx) for idx in resample_indices(scores.shape[0], n_resamples, seed)])
 
 
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}.")
+
+
 def percentile_interval(statistics: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
     """The central ``confidence`` interval of bootstrap statistics, e.g. 2.5th-97.5th percentiles."""
-    if not 0.0 < confidence < 1.0:
-        raise ClipbenchError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}.")
+    _check_confidence(confidence)
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(statistics, [alpha, 1.0 - alpha])
     return float(low), float(high)
@@ -552,7 +744,7 @@ def bootstrap_ci(
 
     Args:
         scores, targets: as for :func:`compute_metric`.
-        metric: a name from :data:`CLASSIFICATION_METRICS`.
+        metric: a registered metric name (:func:`metric_names`).
         n_resamples: number of resamples (1000 takes well under a second for accuracy-type
             metrics at N = 50,000).
         confidence: coverage in (0, 1), e.g. 0.95 for the 2.5th and 97.5th percentiles.
@@ -561,12 +753,11 @@ def bootstrap_ci(
     Returns:
         (low, high) fractions in [0, 1]. Resamples where the metric is undefined are skipped.
     """
-    if not 0.0 < confidence < 1.0:
-        raise ClipbenchError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence}.")
+    _check_confidence(confidence)  # before the resampling, which can take a while
     statistics = bootstrap_distribution(scores, targets, metric, n_resamples, seed)
     defined = statistics[~np.isnan(statistics)]
     if defined.size == 0:
-        raise ClipbenchError(
+        raise ValueError(
             f"{metric} is undefined on every bootstrap resample (too few samples of some class); "
             "evaluate on more samples or disable confidence intervals (n_bootstrap=0)."
         )
@@ -576,3 +767,34 @@ def bootstrap_ci(
             metric, statistics.size - defined.size, statistics.size,
         )
     return percentile_interval(defined, confidence)
+
+
+# --------------------------------------------------------------------------------------------
+# retrieval metric names (the metrics themselves: clipbench.tasks.retrieval)
+
+#: Query directions of retrieval, in the order their metrics are recorded.
+RETRIEVAL_DIRECTIONS = ("text_to_image", "image_to_text")
+#: Sum of every recall@k of both directions.
+RSUM = "rsum"
+
+_RECALL_METRIC_RE = re.compile(r"(text_to_image|image_to_text)_R@([0-9]+)")
+
+
+def recall_metric_name(direction: str, k: int) -> str:
+    """The name of recall@k in ``direction`` (one of :data:`RETRIEVAL_DIRECTIONS`), e.g. ``text_to_image_R@5``."""
+    return f"{direction}_R@{k}"
+
+
+def parse_recall_metric(name: str) -> tuple[str, int] | None:
+    """``(direction, k)`` of a recall@k name such as ``"image_to_text_R@5"``; None for any other name."""
+    match = _RECALL_METRIC_RE.fullmatch(name) if isinstance(name, str) else None
+    return None if match is None else (match.group(1), int(match.group(2)))
+
+
+def is_retrieval_metric(name: str) -> bool:
+    """Whether ``name`` is a retrieval metric a dataset can be scored by: a recall@k or ``rsum``.
+
+    The rank statistics ``{direction}_mean_rank`` / ``{direction}_median_rank`` are recorded too,
+    but lower is better, so they are not primary metrics and this returns False for them.
+    """
+    return name == RSUM or parse_recall_metric(name) is not None

@@ -29,6 +29,7 @@ from .features import FeatureCache, ImageFeatures, image_features, model_identit
 from .specs import DatasetSpec
 from .tasks import Task, get_task
 from .tasks.base import Captions, ClassPrompts, FeatureSplit, TaskInputs
+from .tasks.zeroshot import build_prompts, has_placeholder
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,12 @@ def prompts_for(spec: DatasetSpec, config: RunConfig, data_root: Path) -> tuple[
         classnames = _read_lines(config.classnames_file)
     if config.templates_file:
         templates, origin = _read_lines(config.templates_file), f"user file {config.templates_file}"
+        bad = [t for t in templates if not has_placeholder(t)]
+        if bad:
+            raise ClipbenchError(
+                f"Template {bad[0]!r} in {config.templates_file} has no class-name placeholder; write "
+                "`{c}` where the class name goes, e.g. 'a photo of a {c}.'"
+            )
     if not classnames or not templates:
         raise ClipbenchError(
             f"Dataset '{spec.name}' has no {'classnames' if not classnames else 'templates'} for "
@@ -193,8 +200,6 @@ class Evaluator:
         t1 = time.perf_counter()
         class_prompts = captions = None
         if needs.text == "class_prompts":
-            from .tasks.zeroshot import build_prompts
-
             classnames, templates, origin = prompts_for(spec, self.config, Path(self.config.data_root))
             encoded = text_features(self.model, build_prompts(classnames, templates), self.cache,
                                     batch_size=self._text_batch_size())
@@ -274,7 +279,7 @@ def run(config: RunConfig) -> RunResult:
                     outcome.records.append(evaluator.run_task(spec, task))
                 except DistributedError:
                     raise
-                except (ClipbenchError, ValueError) as exc:
+                except (ClipbenchError, ValueError, TypeError) as exc:
                     outcome.failures.append((spec.name, task.name, str(exc)))
                     log.error("%s/%s: %s", spec.name, task.name, exc)
     finally:

@@ -128,12 +128,13 @@ def existing_record(output: Path, model: str, pretrained: str, dataset: str, tas
 
 def supersede(path: Path, digest: str) -> Path:
     """Move the record at ``path`` (and its per-class sidecar) aside before it is replaced by one
-    computed under other settings: ``<task>.<digest>.superseded.json``. Returns the new path."""
+    computed under other settings: ``<task>.<digest>.superseded.json`` (and
+    ``<task>.<digest>.superseded.per_class.json``). Returns the record's new path."""
     path = Path(path)
     kept = path.with_name(f"{path.stem}.{safe_name(digest)}{SUPERSEDED_SUFFIX}")
     sidecar = path.with_name(f"{path.stem}.per_class.json")
     if sidecar.is_file():
-        sidecar.replace(path.with_name(f"{path.stem}.per_class.{safe_name(digest)}{SUPERSEDED_SUFFIX}"))
+        sidecar.replace(kept.with_name(f"{kept.name.removesuffix('.json')}.per_class.json"))
     path.replace(kept)
     return kept
 

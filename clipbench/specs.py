@@ -18,11 +18,11 @@ from typing import Any, Iterable
 import yaml
 
 from .errors import ClipbenchError
-from .metrics import CLASSIFICATION_METRICS
+from .metrics import get_metric, is_retrieval_metric, metric_names
 from .paths import specs_dir, templates_dir
+from .tasks.zeroshot import has_placeholder
 
 TASKS = ("zeroshot", "linear_probe", "retrieval")
-RETRIEVAL_METRIC_RE = re.compile(r"^(text_to_image|image_to_text)_R@\d+$|^rsum$")
 SOURCE_TYPES = ("huggingface", "torchvision", "imagefolder", "table", "webdataset", "video")
 SPLIT_ROLES = ("train", "val", "test")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
@@ -232,10 +232,10 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
 
     metric = raw.get("primary_metric")
     if is_retrieval:
-        if not isinstance(metric, str) or not RETRIEVAL_METRIC_RE.match(metric):
+        if not is_retrieval_metric(metric):
             errors.add("primary_metric", "a retrieval metric such as 'text_to_image_R@1'", metric)
-    elif metric not in CLASSIFICATION_METRICS:
-        errors.add("primary_metric", f"one of {list(CLASSIFICATION_METRICS)}", metric)
+    elif metric not in metric_names():
+        errors.add("primary_metric", f"one of {list(metric_names())}", metric)
 
     num_classes = raw.get("num_classes")
     if not is_retrieval and (not isinstance(num_classes, int) or num_classes < 2):
@@ -243,6 +243,13 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
     multilabel = raw.get("multilabel", False)
     if not isinstance(multilabel, bool):
         errors.add("multilabel", "true or false", multilabel)
+    elif not is_retrieval and metric in metric_names() and (get_metric(metric).kind == "multilabel") != multilabel:
+        errors.add(
+            "primary_metric",
+            f"a {'multi' if multilabel else 'single'}-label metric to match multilabel: "
+            f"{str(multilabel).lower()} ({', '.join(metric_names('multilabel'))} for multi-label datasets)",
+            metric,
+        )
 
     groups = raw.get("groups") or []
     if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
@@ -277,7 +284,7 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
         if templates is None:
             errors.add("templates", "a templates file or list (needed by the zeroshot task)", None)
     if templates:
-        bad = [t for t in templates if "{c}" not in t and "{}" not in t]
+        bad = [t for t in templates if not has_placeholder(t)]
         if bad:
             errors.add("templates", "every template to contain the '{c}' placeholder", bad[0])
     class_subset = _load_list(raw.get("class_subset"), "class_subset", file, errors)

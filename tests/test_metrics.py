@@ -6,10 +6,9 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score, top_k_accuracy_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score, top_k_accuracy_score
 
 from clipbench import metrics
-from clipbench.errors import ClipbenchError
 
 
 @pytest.fixture
@@ -201,25 +200,25 @@ def test_classification_metrics_sets(rng):
     assert list(multi) == ["map_11point"]
     for values in (many, few, binary, multi):
         assert all(np.isfinite(v) and 0 <= v <= 1 for v in values.values())
-    with pytest.raises(ClipbenchError, match="primary metric"):
+    with pytest.raises(ValueError, match="primary metric"):
         metrics.classification_metrics(rng.normal(size=(5, 3)), rng.integers(0, 3, 5), "map_11point")
 
 
 @pytest.mark.parametrize(
-    "name, scores, targets, message",
+    "name, scores, targets, error, message",
     [
-        ("accuracy", np.zeros((3, 4)), np.array([0, 1, 4]), r"\[0, 4\)"),
-        ("accuracy", np.array([[np.nan, 0.0]]), np.array([0]), "NaN"),
-        ("accuracy", np.zeros((3, 4)), np.array([0.0, 1.0, 2.0]), "integer"),
-        ("top5_accuracy", np.zeros((3, 4)), np.array([0, 1, 2]), "number of classes"),
-        ("roc_auc", np.array([0.1, 0.2]), np.array([1, 1]), "both positive and negative"),
-        ("roc_auc", np.zeros((4, 3)), np.array([0, 1, 0, 1]), "binary"),
-        ("map_11point", np.zeros((3, 2)), np.zeros((3, 2), dtype=int), "no class has a positive"),
-        ("recall@5", np.zeros((3, 2)), np.array([0, 1, 0]), "unknown classification metric"),
+        ("accuracy", np.zeros((3, 4)), np.array([0, 1, 4]), ValueError, r"\[0, 4\)"),
+        ("accuracy", np.array([[np.nan, 0.0]]), np.array([0]), ValueError, "NaN"),
+        ("accuracy", np.zeros((3, 4)), np.array([0.0, 1.0, 2.0]), TypeError, "integer"),
+        ("top5_accuracy", np.zeros((3, 4)), np.array([0, 1, 2]), ValueError, "number of classes"),
+        ("roc_auc", np.array([0.1, 0.2]), np.array([1, 1]), ValueError, "both positive and negative"),
+        ("roc_auc", np.zeros((4, 3)), np.array([0, 1, 0, 1]), ValueError, "binary"),
+        ("map_11point", np.zeros((3, 2)), np.zeros((3, 2), dtype=int), ValueError, "no class has a positive"),
+        ("recall@5", np.zeros((3, 2)), np.array([0, 1, 0]), ValueError, "unknown classification metric"),
     ],
 )
-def test_bad_input_raises_clear_errors(name, scores, targets, message):
-    with pytest.raises(ClipbenchError, match=message):
+def test_bad_input_raises_clear_errors(name, scores, targets, error, message):
+    with pytest.raises(error, match=message):
         metrics.compute_metric(name, scores, targets)
 
 
@@ -232,7 +231,7 @@ def _naive_bootstrap(scores, targets, metric, n_resamples, seed):
         for idx in chunk:
             try:
                 values.append(metrics.compute_metric(metric, scores[idx], targets[idx]))
-            except ClipbenchError:
+            except ValueError:
                 values.append(np.nan)
     return np.array(values)
 
@@ -277,3 +276,168 @@ def test_bootstrap_width_shrinks_with_n(rng):
     large = metrics.bootstrap_ci(*_problem(rng, "accuracy", 3000), "accuracy", n_resamples=400)
     # the width of a binomial proportion's interval scales as 1 / sqrt(N): about 5.5x here
     assert (large[1] - large[0]) < (small[1] - small[0]) / 3
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def _registry_problem(rng, metric, n=120):
+    """Random inputs of the metric's kind, with ties (scores rounded to one decimal)."""
+    if metric.kind == "multilabel":
+        targets = (rng.random((n, 5)) < 0.3).astype(np.uint8)
+        targets[0] = 1  # every class has a positive
+        return np.round(rng.normal(size=(n, 5)) + targets, 1), targets
+    if metric.kind == "binary":
+        targets = rng.integers(0, 2, size=n)
+        targets[:2] = [0, 1]
+        return np.round(rng.normal(size=n) + targets, 1), targets
+    targets = rng.integers(0, 8, size=n)
+    return np.round(rng.normal(size=(n, 8)) + np.eye(8)[targets], 1), targets
+
+
+def _independent(name, scores, targets):
+    """Each built-in metric by sklearn.metrics, or by the literal VOC AP above."""
+    labels = np.arange(np.shape(scores)[1]) if np.ndim(scores) == 2 else None
+    if name == "accuracy":
+        # sklearn's accuracy of the argmax (np.argmax breaks ties toward the lower index, as the metric)
+        return accuracy_score(targets, np.argmax(scores, axis=1))
+    if name == "top5_accuracy":
+        # top_k_accuracy_score breaks ties differently: compare on tie-free scores only
+        return top_k_accuracy_score(targets, scores, k=5, labels=labels)
+    if name == "mean_top1_top5":
+        return (accuracy_score(targets, np.argmax(scores, axis=1))
+                + top_k_accuracy_score(targets, scores, k=5, labels=labels)) / 2
+    if name == "mean_per_class_recall":
+        return balanced_accuracy_score(targets, np.argmax(scores, axis=1))
+    if name == "roc_auc":
+        return roc_auc_score(targets, scores)
+    if name == "map_11point":
+        return np.mean([reference_ap_11point(scores[:, c], targets[:, c]) for c in range(scores.shape[1])])
+    raise AssertionError(f"no independent implementation of {name}")
+
+
+@pytest.mark.parametrize("name", metrics.CLASSIFICATION_METRICS)
+def test_every_registered_metric_equals_an_independent_implementation(rng, name):
+    metric = metrics.get_metric(name)
+    scores, targets = _registry_problem(rng, metric)
+    if name in ("top5_accuracy", "mean_top1_top5"):
+        scores = scores + rng.normal(scale=1e-6, size=scores.shape)  # sklearn's top-k tie rule differs
+    expected = _independent(name, scores, targets)
+    assert metric.compute(scores, targets) == pytest.approx(expected, abs=1e-12)
+    assert metrics.compute_metric(name, scores, targets) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", metrics.CLASSIFICATION_METRICS)
+def test_resampled_form_equals_compute_on_each_explicit_resample(rng, name):
+    metric = metrics.get_metric(name)
+    scores, targets = _registry_problem(rng, metric, n=40)
+    # explicit resamples: with repeats, a sample missing, and (for small data) rare classes lost
+    idx = np.sort(rng.integers(0, len(targets), size=(25, len(targets))), axis=1)
+    idx[0] = np.arange(len(targets))  # the full data
+    resampled = metric.resampled(scores, targets)(idx)
+    for r, rows in enumerate(idx):
+        try:
+            expected = metric.compute(scores[rows], targets[rows])
+        except ValueError:
+            expected = np.nan
+        np.testing.assert_allclose(resampled[r], expected, rtol=0, atol=1e-12)
+    assert resampled[0] == metric.compute(scores, targets)
+
+
+def test_registry_entries_state_kind_and_minimum_classes():
+    kinds = {name: metrics.get_metric(name).kind for name in metrics.metric_names()}
+    assert kinds == {
+        "accuracy": "single_label", "top5_accuracy": "single_label", "mean_per_class_recall": "single_label",
+        "map_11point": "multilabel", "roc_auc": "binary", "mean_top1_top5": "single_label",
+    }
+    assert metrics.metric_names("multilabel") == ("map_11point",)
+    assert {n: metrics.get_metric(n).min_classes for n in ("accuracy", "top5_accuracy", "roc_auc")} == {
+        "accuracy": 1, "top5_accuracy": 5, "roc_auc": 2,
+    }
+    assert metrics.CLASSIFICATION_METRICS == metrics.metric_names()
+
+
+def test_unknown_metric_is_an_error_naming_close_names(rng):
+    scores, targets = rng.normal(size=(10, 3)), rng.integers(0, 3, 10)
+    with pytest.raises(ValueError, match=r"unknown classification metric 'acuracy'\. Did you mean 'accuracy'"):
+        metrics.compute_metric("acuracy", scores, targets)
+    with pytest.raises(ValueError, match="unknown classification metric 'no_such_metric'"):
+        metrics.bootstrap_distribution(scores, targets, "no_such_metric", n_resamples=5)
+    with pytest.raises(ValueError, match="retrieval metric"):
+        metrics.compute_metric("text_to_image_R@1", scores, targets)
+
+
+def test_resampled_metric_of_an_unknown_name_is_an_error_not_map(rng):
+    # it used to fall through to the 11-point mAP for any name it did not know
+    scores, targets = rng.normal(size=(10, 3)), (rng.random((10, 3)) < 0.5).astype(np.uint8)
+    with pytest.raises(ValueError, match=r"unknown classification metric 'mAP'.*map_11point"):
+        metrics._resampled_metric("mAP", scores, targets)
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A copy of the registry for this test, so registrations do not leak into other tests."""
+    monkeypatch.setattr(metrics, "_REGISTRY", dict(metrics._REGISTRY))
+
+
+def test_registered_metric_without_resampled_form_bootstraps_by_recomputing(rng, registry):
+    from functools import partial
+
+    metrics.register_metric(metrics.Metric(
+        "top1_recomputed", "single_label", partial(metrics.topk_accuracy, k=1), resampled=None,
+    ))
+    scores, targets = _problem(rng, "accuracy", 50)
+    assert metrics.compute_metric("top1_recomputed", scores, targets) == accuracy_score(targets, scores.argmax(1))
+    np.testing.assert_allclose(
+        metrics.bootstrap_distribution(scores, targets, "top1_recomputed", n_resamples=40, seed=2),
+        metrics.bootstrap_distribution(scores, targets, "accuracy", n_resamples=40, seed=2),
+        rtol=0, atol=1e-12,
+    )
+
+
+def test_register_metric_rejects_taken_names_and_unknown_kinds(registry):
+    accuracy = metrics.get_metric("accuracy")
+    with pytest.raises(ValueError, match="already registered"):
+        metrics.register_metric(accuracy)
+    with pytest.raises(ValueError, match="kind 'ranking'"):
+        metrics.register_metric(metrics.Metric("other", "ranking", accuracy.compute, None))
+    with pytest.raises(ValueError, match="min_classes"):
+        metrics.register_metric(metrics.Metric("other", "single_label", accuracy.compute, None, min_classes=0))
+    assert "other" not in metrics.metric_names()
+
+
+def test_bootstrap_checks_minimum_classes(rng):
+    scores, targets = rng.normal(size=(20, 4)), rng.integers(0, 4, 20)
+    with pytest.raises(ValueError, match="top5_accuracy needs at least 5 classes, got 4"):
+        metrics.bootstrap_distribution(scores, targets, "top5_accuracy", n_resamples=5)
+
+
+# ---------------------------------------------------------------- retrieval metric names
+
+
+@pytest.mark.parametrize(
+    "name, parsed",
+    [
+        ("text_to_image_R@1", ("text_to_image", 1)),
+        ("image_to_text_R@10", ("image_to_text", 10)),
+        ("text_to_image_R@", None),
+        ("image_to_text_r@5", None),
+        ("text_to_image_R@5x", None),
+        ("rsum", None),
+        ("text_to_image_mean_rank", None),
+        ("accuracy", None),
+        (None, None),
+    ],
+)
+def test_parse_recall_metric(name, parsed):
+    assert metrics.parse_recall_metric(name) == parsed
+    if parsed is not None:
+        assert metrics.recall_metric_name(*parsed) == name
+
+
+def test_is_retrieval_metric():
+    assert metrics.is_retrieval_metric("rsum")
+    assert metrics.is_retrieval_metric("image_to_text_R@5")
+    assert not metrics.is_retrieval_metric("text_to_image_median_rank")  # lower is better
+    assert not metrics.is_retrieval_metric("accuracy")
+    assert not metrics.is_retrieval_metric("rsum ")

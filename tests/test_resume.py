@@ -48,9 +48,9 @@ def spec(imagefolder_root, tmp_path):
 
 
 def config(tmp_path: Path, **kw) -> RunConfig:
-    return RunConfig(data_root=tmp_path / "data", output=tmp_path / "out", cache_dir=tmp_path / "cache",
-                     batch_size=4, workers=0, device="cpu", precision="fp32", n_bootstrap=50,
-                     tasks=["zeroshot"], **kw)
+    settings = dict(data_root=tmp_path / "data", output=tmp_path / "out", cache_dir=tmp_path / "cache",
+                    batch_size=4, workers=0, device="cpu", precision="fp32", n_bootstrap=50, tasks=["zeroshot"])
+    return RunConfig(**{**settings, **kw})
 
 
 def record_dir(tmp_path: Path) -> Path:

@@ -120,3 +120,35 @@ def test_select_resolves_groups_paths_and_dedupes(tmp_path):
 def test_every_packaged_spec_validates():
     for spec in specs.list_specs():
         assert spec.name and spec.primary_metric
+
+
+def test_primary_metric_must_fit_multilabel(tmp_path):
+    # a mismatch used to pass validation and fail only when the dataset was evaluated
+    for metric, multilabel in (("accuracy", "true"), ("map_11point", "false")):
+        text = VALID.format(name="myset").replace("primary_metric: accuracy", f"primary_metric: {metric}")
+        with pytest.raises(ClipbenchError) as info:
+            specs.load_spec(write(tmp_path, text.replace("num_classes: 3", f"num_classes: 3\nmultilabel: {multilabel}")))
+        assert "field 'primary_metric'" in str(info.value) and "map_11point for multi-label" in str(info.value)
+
+
+RETRIEVAL = """
+name: myset
+tasks: [retrieval]
+primary_metric: {metric}
+source:
+  type: webdataset
+  path: /somewhere/wds
+splits:
+  test: test
+"""
+
+
+@pytest.mark.parametrize("metric", ["text_to_image_R@1", "image_to_text_R@10", "rsum"])
+def test_retrieval_primary_metric_accepts_recall_and_rsum(tmp_path, metric):
+    assert specs.load_spec(write(tmp_path, RETRIEVAL.format(metric=metric))).primary_metric == metric
+
+
+@pytest.mark.parametrize("metric", ["text_to_image_mean_rank", "accuracy", "R@1"])
+def test_retrieval_primary_metric_rejects_other_names(tmp_path, metric):
+    with pytest.raises(ClipbenchError, match="a retrieval metric such as 'text_to_image_R@1'"):
+        specs.load_spec(write(tmp_path, RETRIEVAL.format(metric=metric)))

@@ -37,7 +37,6 @@ from joblib import Parallel, delayed
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from clipbench.errors import ClipbenchError
 from clipbench.metrics import classification_metrics, compute_metric
 from clipbench.tasks import torch_logreg
 from clipbench.tasks.base import TaskInputs, TaskNeeds, TaskOutput
@@ -147,7 +146,7 @@ def stratified_val_split(
         ``(train_idx, val_idx)``: sorted int64 index arrays, disjoint, covering ``range(N)``.
     """
     if not 0.0 < fraction < 1.0:
-        raise ClipbenchError(
+        raise ValueError(
             f"val_fraction must be in (0, 1), got {fraction}; 0.2 keeps 80% of train for fitting."
         )
     targets = np.asarray(targets)
@@ -184,7 +183,7 @@ def sample_few_shot(targets: np.ndarray, k: int, seed: int) -> np.ndarray:
     """
     targets = np.asarray(targets)
     if targets.ndim != 1:
-        raise ClipbenchError(
+        raise ValueError(
             "few-shot sampling needs single-label targets (N,); k samples per class is not defined "
             "for multi-label datasets."
         )
@@ -193,7 +192,7 @@ def sample_few_shot(targets: np.ndarray, k: int, seed: int) -> np.ndarray:
     for c in np.unique(targets):
         members = np.flatnonzero(targets == c)
         if members.size < k:
-            raise ClipbenchError(
+            raise ValueError(
                 f"few-shot k={k} needs {k} training samples of every class, but class {c} has "
                 f"{members.size} in the pool it is drawn from (train minus validation). Use "
                 "smaller ks."
@@ -230,7 +229,7 @@ class _Solver:
     def fit_binary_or_multinomial(self, X: np.ndarray, y: np.ndarray, C: float, init: _Linear | None) -> _Linear:
         classes = np.unique(y)
         if classes.size < 2:
-            raise ClipbenchError(
+            raise ValueError(
                 f"a linear probe needs training samples of at least 2 classes, got only class {classes}. "
                 "Check the training split and its subsampling."
             )
@@ -366,19 +365,19 @@ class ProbeResult:
 def _check_inputs(solver: str, pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], multilabel: bool) -> int:
     """Validate solver and (name, x, y) splits; return the number of classes (label columns)."""
     if solver not in SOLVERS:
-        raise ClipbenchError(f"unknown probe solver {solver!r}; use one of {', '.join(SOLVERS)}.")
+        raise ValueError(f"unknown probe solver {solver!r}; use one of {', '.join(SOLVERS)}.")
     dims = {np.shape(x)[1] if np.ndim(x) == 2 else None for _, x, _ in pairs}
     for name, x, y in pairs:
         if np.ndim(x) != 2 or np.shape(y)[0] != np.shape(x)[0] or np.ndim(y) != (2 if multilabel else 1):
-            raise ClipbenchError(
+            raise ValueError(
                 f"linear probe {name} split: features must be (N, D) and labels (N,) "
                 f"{'(N, C) 0/1 for multi-label ' if multilabel else ''}with the same N; got features "
                 f"{np.shape(x)} and labels {np.shape(y)}."
             )
         if np.shape(x)[0] == 0:
-            raise ClipbenchError(f"linear probe {name} split is empty; it needs at least one sample.")
+            raise ValueError(f"linear probe {name} split is empty; it needs at least one sample.")
     if len(dims) != 1:
-        raise ClipbenchError(
+        raise ValueError(
             f"linear probe splits have different feature dimensions {sorted(dims)}; extract every split "
             "with the same model and feature kind."
         )
@@ -545,9 +544,9 @@ def few_shot(
         :class:`FewShotResult`; scores are the primary metric on test.
     """
     if (val_x is None) != (val_y is None):
-        raise ClipbenchError("few_shot needs both val_x and val_y, or neither (then validation is carved from train).")
+        raise ValueError("few_shot needs both val_x and val_y, or neither (then validation is carved from train).")
     if not ks or min(ks) < 1 or not seeds:
-        raise ClipbenchError(f"few_shot needs ks >= 1 and at least one seed; got ks={list(ks)}, seeds={list(seeds)}.")
+        raise ValueError(f"few_shot needs ks >= 1 and at least one seed; got ks={list(ks)}, seeds={list(seeds)}.")
     train_y = np.asarray(train_y)
     if val_x is None:
         pool, val_idx = stratified_val_split(train_y, val_fraction, split_seed)

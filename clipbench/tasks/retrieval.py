@@ -23,15 +23,20 @@ Each direction scores every pair once: 2 * n_images * n_captions * D multiply-ad
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from clipbench.errors import ClipbenchError
-from clipbench.metrics import percentile_interval, resample_indices
+from clipbench.metrics import (
+    RSUM,
+    RETRIEVAL_DIRECTIONS,
+    parse_recall_metric,
+    percentile_interval,
+    recall_metric_name,
+    resample_indices,
+)
 from clipbench.tasks.base import TaskInputs, TaskNeeds, TaskOutput
 
 logger = logging.getLogger(__name__)
@@ -104,11 +109,12 @@ def retrieval_metrics(
         RetrievalResult with metrics named as in docs/architecture.md and the per-query ranks.
 
     Raises:
-        ClipbenchError: on inputs of the wrong shape, type or range, or with non-finite values.
+        ValueError: on inputs of the wrong shape or range, or with non-finite values.
+        TypeError: on features that are not floating-point or caption indices that are not integers.
     """
     ks = _check_recall_k(recall_k)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ClipbenchError(
+    if not _is_positive_int(chunk_size):
+        raise ValueError(
             f"retrieval chunk_size must be a positive integer, got {chunk_size!r}. "
             "Pass e.g. chunk_size=4096 (smaller uses less memory, larger is faster)."
         )
@@ -117,7 +123,7 @@ def retrieval_metrics(
     texts = _as_matrix(text_features, "text_features", dev)
     n_images, n_captions = images.shape[0], texts.shape[0]
     if images.shape[1] != texts.shape[1]:
-        raise ClipbenchError(
+        raise ValueError(
             f"image_features has dimension {images.shape[1]} but text_features has dimension "
             f"{texts.shape[1]}; both must come from the same model's joint embedding space "
             "(projected, L2-normalized features)."
@@ -132,15 +138,14 @@ def retrieval_metrics(
     i2t_queries = i2t[has_caption]
 
     metrics: dict[str, float] = {}
-    for k in ks:
-        metrics[f"text_to_image_R@{k}"] = float(np.mean(t2i <= k))
-    for k in ks:
-        metrics[f"image_to_text_R@{k}"] = float(np.mean(i2t_queries <= k))
+    for direction, ranks in zip(RETRIEVAL_DIRECTIONS, (t2i, i2t_queries)):
+        for k in ks:
+            metrics[recall_metric_name(direction, k)] = float(np.mean(ranks <= k))
     metrics["text_to_image_mean_rank"] = float(np.mean(t2i))
     metrics["text_to_image_median_rank"] = float(np.median(t2i))
     metrics["image_to_text_mean_rank"] = float(np.mean(i2t_queries))
     metrics["image_to_text_median_rank"] = float(np.median(i2t_queries))
-    metrics["rsum"] = float(sum(metrics[f"{d}_R@{k}"] for d in ("text_to_image", "image_to_text") for k in ks))
+    metrics[RSUM] = float(sum(metrics[recall_metric_name(d, k)] for d in RETRIEVAL_DIRECTIONS for k in ks))
     logger.debug("retrieval over %d images, %d captions: %s", n_images, n_captions, metrics)
     return RetrievalResult(
         metrics=metrics,
@@ -244,9 +249,6 @@ def _best_own_caption_ranks(scores: torch.Tensor, own_rows: torch.Tensor, own_ca
     return _ranks_in_block(scores, best_caption)
 
 
-_RECALL_RE = re.compile(r"^(text_to_image|image_to_text)_R@(\d+)$")
-
-
 def recall_confidence_interval(
     result: RetrievalResult,
     text_to_image: np.ndarray,
@@ -270,10 +272,10 @@ def recall_confidence_interval(
     Returns:
         (low, high) fractions in [0, 1].
     """
-    match = _RECALL_RE.match(metric)
-    if match is None:
-        raise ClipbenchError(f"{metric!r} is not a recall@k metric (e.g. 'text_to_image_R@1').")
-    direction, k = match.group(1), int(match.group(2))
+    parsed = parse_recall_metric(metric)
+    if parsed is None:
+        raise ValueError(f"{metric!r} is not a recall@k metric (e.g. 'text_to_image_R@1').")
+    direction, k = parsed
     owner = np.asarray(text_to_image, dtype=np.int64)
     if direction == "text_to_image":
         hits = np.bincount(owner, weights=result.text_to_image_ranks <= k, minlength=result.n_images)
@@ -289,15 +291,20 @@ def recall_confidence_interval(
     return percentile_interval(np.concatenate(statistics), confidence)
 
 
+def _is_positive_int(value: object) -> bool:
+    """A Python or numpy integer >= 1 (a bool is not a count)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
 def _check_recall_k(recall_k: Iterable[int]) -> tuple[int, ...]:
     ks = tuple(recall_k)
-    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
-        raise ClipbenchError(
+    if not ks or not all(_is_positive_int(k) for k in ks):
+        raise ValueError(
             f"recall_k must be a non-empty sequence of positive integers, got {recall_k!r}. "
             "Pass e.g. recall_k=(1, 5, 10), the CLIP paper's values."
         )
     if len(set(ks)) != len(ks):
-        raise ClipbenchError(f"recall_k {ks} repeats a value; list each k once, e.g. (1, 5, 10).")
+        raise ValueError(f"recall_k {ks} repeats a value; list each k once, e.g. (1, 5, 10).")
     return tuple(int(k) for k in ks)
 
 
@@ -305,12 +312,12 @@ def _as_matrix(features: np.ndarray | torch.Tensor, name: str, device: torch.dev
     """Validate a (N, D) feature matrix and move it to `device` (float32 on CPU)."""
     tensor = features if isinstance(features, torch.Tensor) else torch.as_tensor(np.asarray(features))
     if tensor.ndim != 2 or tensor.shape[0] == 0 or tensor.shape[1] == 0:
-        raise ClipbenchError(
+        raise ValueError(
             f"{name} must be a non-empty 2-D array of shape (N, D), got shape {tuple(tensor.shape)}. "
             "Pass one embedding row per item."
         )
     if not tensor.is_floating_point():
-        raise ClipbenchError(
+        raise TypeError(
             f"{name} has dtype {tensor.dtype}; retrieval needs floating-point embeddings "
             "(float32 L2-normalized features from the model)."
         )
@@ -318,7 +325,7 @@ def _as_matrix(features: np.ndarray | torch.Tensor, name: str, device: torch.dev
     if device.type == "cpu" or tensor.dtype not in _HALF_DTYPES:
         tensor = tensor.to(torch.float32)
     if not bool(torch.isfinite(tensor).all()):
-        raise ClipbenchError(
+        raise ValueError(
             f"{name} contains NaN or infinite values, so similarities cannot be ranked. "
             "Check the model's precision (fp16 overflow) or the feature cache, and recompute the features."
         )
@@ -338,18 +345,18 @@ def _check_text_to_image(text_to_image: np.ndarray, n_captions: int, n_images: i
         text_to_image = text_to_image.detach().cpu().numpy()
     targets = np.asarray(text_to_image)
     if targets.shape != (n_captions,):
-        raise ClipbenchError(
+        raise ValueError(
             f"text_to_image has shape {targets.shape} but there are {n_captions} captions; it must "
             "be a 1-D array giving, for each row of text_features, the index of its image."
         )
     if not np.issubdtype(targets.dtype, np.integer):
-        raise ClipbenchError(
+        raise TypeError(
             f"text_to_image has dtype {targets.dtype}; it must hold integer image indices "
             "(row numbers into image_features)."
         )
     targets = targets.astype(np.int64)
     if targets.min() < 0 or targets.max() >= n_images:
-        raise ClipbenchError(
+        raise ValueError(
             f"text_to_image holds image indices from {targets.min()} to {targets.max()}, but there "
             f"are {n_images} images (valid indices 0..{n_images - 1}). Every caption must point at "
             "a row of image_features."
@@ -377,7 +384,7 @@ class RetrievalTask:
                                    recall_k=tuple(settings["recall_k"]), device=inputs.device)
         intervals = {}
         metric = spec.primary_metric
-        if settings["n_bootstrap"] and metric in result.metrics and _RECALL_RE.match(metric):
+        if settings["n_bootstrap"] and metric in result.metrics and parse_recall_metric(metric):
             intervals[metric] = recall_confidence_interval(result, captions.owner, metric,
                                                            settings["n_bootstrap"], seed=settings["seed"])
         details = {"n_images": result.n_images, "n_captions": result.n_captions,

@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
-from clipbench.errors import ClipbenchError
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +53,13 @@ def _encode_labels(y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct labels (sklearn's ``classes_``) and each sample's index into them."""
     y = y.cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
     if y.ndim != 1:
-        raise ClipbenchError(
+        raise ValueError(
             f"labels must be a 1-D array of class indices, got shape {y.shape}; fit multi-label "
             "targets one column at a time (one-vs-rest)."
         )
     classes, encoded = np.unique(y, return_inverse=True)
     if classes.size < 2:
-        raise ClipbenchError(
+        raise ValueError(
             f"logistic regression needs samples of at least 2 classes, got only class {classes}. "
             "Check the training split (and its subsampling) before fitting a linear probe."
         )
@@ -114,14 +113,14 @@ def fit(
         or K = 1 for two classes (the logit of the larger label).
     """
     if not C > 0:
-        raise ClipbenchError(f"C (inverse L2 strength) must be > 0, got {C}.")
+        raise ValueError(f"C (inverse L2 strength) must be > 0, got {C}.")
     device = torch.device(device)
     if dtype is None:
         dtype = torch.float64 if device.type == "cpu" else torch.float32
     classes, encoded = _encode_labels(y)
     X_t = torch.as_tensor(X, device=device, dtype=dtype)
     if X_t.ndim != 2 or X_t.shape[0] != encoded.shape[0]:
-        raise ClipbenchError(
+        raise ValueError(
             f"features must be an (n, D) array with one row per label; got features {tuple(X_t.shape)} "
             f"and {encoded.shape[0]} labels."
         )
@@ -134,7 +133,7 @@ def fit(
     if init is not None:
         init_coef, init_intercept = (np.asarray(a) for a in init)
         if init_coef.shape != tuple(W.shape) or init_intercept.shape != tuple(b.shape):
-            raise ClipbenchError(
+            raise ValueError(
                 f"warm start has coef {init_coef.shape} and intercept {init_intercept.shape}, expected "
                 f"{tuple(W.shape)} and {tuple(b.shape)}; warm-start only from a fit on the same classes."
             )

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from clipbench import metrics
-from clipbench.errors import ClipbenchError
 from clipbench.tasks.base import TaskInputs, TaskNeeds, TaskOutput
 
-_PLACEHOLDERS = ("{c}", "{}")
+#: Where a prompt template takes the class name: ``{c}``, or OpenAI-style ``{}``.
+PLACEHOLDERS = ("{c}", "{}")
 # Tolerance on the L2 norm of "normalized" image features: fp16/bf16 features are about 1e-3 off.
 _NORM_TOLERANCE = 1e-2
 
@@ -41,6 +41,11 @@ class ZeroShotResult:
     logits: np.ndarray | None = None
 
 
+def has_placeholder(template: str) -> bool:
+    """Whether ``template`` has a class-name placeholder (one of :data:`PLACEHOLDERS`)."""
+    return any(placeholder in template for placeholder in PLACEHOLDERS)
+
+
 def build_prompts(classnames: list[str], templates: list[str]) -> list[str]:
     """Fill every template with every class name, class-major.
 
@@ -53,14 +58,14 @@ def build_prompts(classnames: list[str], templates: list[str]) -> list[str]:
         template ``t`` filled with class ``c``.
     """
     if not classnames or not templates:
-        raise ClipbenchError(
+        raise ValueError(
             f"zero-shot needs at least one class name and one template, got {len(classnames)} "
             f"class names and {len(templates)} templates; check the dataset spec's classnames and "
             "templates files."
         )
     for template in templates:
-        if not any(placeholder in template for placeholder in _PLACEHOLDERS):
-            raise ClipbenchError(
+        if not has_placeholder(template):
+            raise ValueError(
                 f"prompt template {template!r} has no class-name placeholder; write `{{c}}` where "
                 "the class name goes, e.g. 'a photo of a {c}.'"
             )
@@ -87,13 +92,13 @@ def class_weights(prompt_features: np.ndarray, num_classes: int) -> np.ndarray:
     """
     prompt_features = np.asarray(prompt_features, dtype=np.float64)
     if prompt_features.ndim != 2 or num_classes < 1 or prompt_features.shape[0] % num_classes:
-        raise ClipbenchError(
+        raise ValueError(
             f"prompt features of shape {prompt_features.shape} cannot be split into {num_classes} "
             "classes with the same number of templates; pass a (C * T, D) array in build_prompts order."
         )
     norms = np.linalg.norm(prompt_features, axis=1, keepdims=True)
     if not np.all(norms > 0) or not np.isfinite(prompt_features).all():
-        raise ClipbenchError(
+        raise ValueError(
             "a prompt embedding is zero or not finite, so it cannot be normalized; check the text "
             "encoder's output (precision overflow, empty prompts)."
         )
@@ -135,13 +140,13 @@ def evaluate(
     image_features = np.asarray(image_features, dtype=np.float32)
     weights = np.asarray(weights, dtype=np.float32)
     if image_features.ndim != 2 or weights.ndim != 2 or image_features.shape[1] != weights.shape[0]:
-        raise ClipbenchError(
+        raise ValueError(
             f"image features {image_features.shape} and class weights {weights.shape} do not fit: "
             "expected (N, D) and (D, C) with the same embedding size D, from the same model."
         )
     norms = np.linalg.norm(image_features, axis=1)
     if image_features.shape[0] and np.max(np.abs(norms - 1.0)) > _NORM_TOLERANCE:
-        raise ClipbenchError(
+        raise ValueError(
             "image features must be L2-normalized (unit rows): ranking metrics (roc_auc, map_11point) "
             "compare scores across images. Pass the projected, normalized features."
         )
@@ -150,7 +155,7 @@ def evaluate(
         if (class_subset.ndim != 1 or not np.issubdtype(class_subset.dtype, np.integer)
                 or class_subset.size == 0 or class_subset.min() < 0
                 or class_subset.max() >= weights.shape[1]):
-            raise ClipbenchError(
+            raise ValueError(
                 f"class_subset must be a non-empty 1-D array of class indices in [0, {weights.shape[1]}) "
                 "(columns of the classifier); check the dataset spec's class_subset file."
             )
