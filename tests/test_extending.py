@@ -29,17 +29,18 @@ def commands_in_guide() -> list[list[str]]:
 @pytest.fixture
 def plugin_dir(tmp_path, monkeypatch):
     """The guide's modules written to a directory on sys.path; registries restored afterwards."""
-    from clipbench import tasks
+    from clipbench import metrics, tasks
 
     folder = tmp_path / "plugins"
     folder.mkdir()
     for name, body in modules_in_guide().items():
         (folder / f"{name}.py").write_text(body)
     monkeypatch.syspath_prepend(str(folder))
-    saved_tasks = dict(tasks._REGISTRY)
+    saved = [(registry, dict(registry)) for registry in (tasks._REGISTRY, metrics._REGISTRY)]
     yield folder
-    tasks._REGISTRY.clear()
-    tasks._REGISTRY.update(saved_tasks)
+    for registry, entries in saved:
+        registry.clear()
+        registry.update(entries)
     for name in modules_in_guide():
         sys.modules.pop(name, None)
 
@@ -80,3 +81,25 @@ def test_guide_task_runs_through_the_cli_and_equals_a_direct_computation(plugin_
     assert record["n_samples"] == len(test.targets)
     # far above chance (1/6) for the trained tiny CLIP
     assert record["metrics"]["accuracy"] > 0.5
+
+
+def test_guide_metric_is_computed_bootstrapped_and_accepted_by_specs(plugin_dir, monkeypatch, tmp_path):
+    from clipbench import metrics, specs
+    from clipbench.plugins import load_plugins
+
+    monkeypatch.setenv("CLIPBENCH_PLUGINS", "top3")
+    assert load_plugins() == ["top3"]
+    rng = np.random.default_rng(0)
+    scores, targets = rng.normal(size=(200, 7)), rng.integers(0, 7, 200)
+    # independent: the target's position in a descending argsort (no ties in Gaussian scores)
+    ranks = np.argsort(-scores, axis=1)
+    expected = np.mean([t in row[:3] for t, row in zip(targets, ranks)])
+    assert metrics.compute_metric("top3_accuracy", scores, targets) == pytest.approx(expected, abs=1e-12)
+    low, high = metrics.bootstrap_ci(scores, targets, "top3_accuracy", n_resamples=50, seed=0)
+    assert low <= expected <= high and high - low < 0.2
+    spec = specs.parse_spec({"name": "mine", "title": "Mine", "tasks": ["zeroshot"], "primary_metric": "top3_accuracy",
+                             "num_classes": 7, "source": {"type": "imagefolder", "path": "mine"},
+                             "splits": {"test": "test"}, "classnames": [str(i) for i in range(7)],
+                             "templates": ["a {c}."]}, tmp_path / "mine.yaml")
+    assert spec.primary_metric == "top3_accuracy"
+    assert metrics.classification_metrics(scores, targets, "top3_accuracy")["top3_accuracy"] == pytest.approx(expected)
