@@ -30,12 +30,10 @@ def make_image(label: int, index: int, size: int = 32) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-@pytest.fixture
-def imagefolder_root(tmp_path: Path) -> Path:
+def write_imagefolder(root: Path) -> Path:
     """``root/{train,test}/{a_red,b_green,c_blue}/*.png``, 5 train and 3 test images per class.
 
     Folder names sort in label order (red=0, green=1, blue=2)."""
-    root = tmp_path / "folder"
     for split, n in (("train", 5), ("test", 3)):
         for label, name in enumerate(("a_red", "b_green", "c_blue")):
             d = root / split / name
@@ -43,6 +41,12 @@ def imagefolder_root(tmp_path: Path) -> Path:
             for i in range(n):
                 make_image(label, i + (100 if split == "test" else 0)).save(d / f"{i:03d}.png")
     return root
+
+
+@pytest.fixture
+def imagefolder_root(tmp_path: Path) -> Path:
+    """:func:`write_imagefolder` in the test's tmp dir."""
+    return write_imagefolder(tmp_path / "folder")
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from sklearn.metrics import accuracy_score
 
 from clipbench.cli import main
 from clipbench.tasks.linear_probe import sample_few_shot, stratified_val_split
-from conftest import reference_ap_11point, reference_protocol, reference_sweep
+from conftest import reference_ap_11point, reference_protocol, reference_sweep, write_imagefolder
 
 ARCH = "ViT-S-32-alt"
 FOLDERS = ("a_red", "b_green", "c_blue")  # the imagefolder fixture's classes, in label order
@@ -53,6 +53,29 @@ def clip():
         model, _, preprocess = open_clip.create_model_and_transforms(ARCH, pretrained=None, precision="fp32",
                                                                      device="cpu")
     return model.eval(), preprocess, open_clip.get_tokenizer(ARCH)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """The imagefolder fixture's images, once for the module."""
+    return write_imagefolder(tmp_path_factory.mktemp("colours") / "folder")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One feature cache for the module's runs: each image split is encoded by clipbench once
+    (a cache hit returns what that encoding stored; caching has its own tests)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def direct(clip, folder) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """split -> (projected, pre-projection, labels) computed by open_clip from the files."""
+    out = {}
+    for split in ("train", "test"):
+        files, labels = split_files(folder, split)
+        out[split] = (*encode_images(clip, files), labels)
+    return out
 
 
 def split_files(root: Path, split: str) -> tuple[list[Path], np.ndarray]:
@@ -106,12 +129,12 @@ def folder_spec(tmp_path: Path, root: Path, tasks: list[str], **fields) -> Path:
                       splits={"train": "train", "test": "test"}, **{**PROMPTS, **fields})
 
 
-def clipbench_run(tmp_path: Path, spec: Path, *flags: str) -> dict[str, dict]:
+def clipbench_run(tmp_path: Path, cache: Path, spec: Path, *flags: str) -> dict[str, dict]:
     """`clipbench run` on one spec with ViT-S-32-alt, random weights, fp32 on CPU; returns the
     records it wrote (task -> JSON) and the sidecars (``<task>.per_class`` -> JSON)."""
     out = tmp_path / "out"
     code = main(["run", "--model", ARCH, "--pretrained", "none", "--datasets", str(spec),
-                 "--output", str(out), "--cache-dir", str(tmp_path / "cache"), "--workers", "0",
+                 "--output", str(out), "--cache-dir", str(cache), "--workers", "0",
                  "--device", "cpu", "--precision", "fp32", "--batch-size", "8", "--bootstrap", "50", *flags])
     assert code == 0
     folder = out / f"{ARCH}__none" / spec.stem
@@ -130,15 +153,14 @@ def carved_validation(train_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------- few-shot
 
 
-def test_few_shot_record_equals_scikit_learn_on_the_same_shot_sets(clip, imagefolder_root, tmp_path):
-    spec = folder_spec(tmp_path, imagefolder_root, ["zeroshot", "linear_probe"])
-    records = clipbench_run(tmp_path, spec, "--tasks", "few_shot", "--few-shot", "1,2", "--few-shot-seeds", "2")
+@pytest.mark.slow
+def test_few_shot_record_equals_scikit_learn_on_the_same_shot_sets(clip, folder, cache, direct, tmp_path):
+    spec = folder_spec(tmp_path, folder, ["zeroshot", "linear_probe"])
+    records = clipbench_run(tmp_path, cache, spec, "--tasks", "few_shot", "--few-shot", "1,2", "--few-shot-seeds", "2")
     assert set(records) == {"few_shot"}
     record = records["few_shot"]
 
-    train_files, train_y = split_files(imagefolder_root, "train")
-    test_files, test_y = split_files(imagefolder_root, "test")
-    train_x, test_x = encode_images(clip, train_files)[1], encode_images(clip, test_files)[1]
+    (_, train_x, train_y), (_, test_x, test_y) = direct["train"], direct["test"]
     pool, val = carved_validation(train_y)
     expected = {}
     for k in (1, 2):
@@ -168,18 +190,17 @@ def test_few_shot_record_equals_scikit_learn_on_the_same_shot_sets(clip, imagefo
 # ------------------------------------------------------------------------- prompt overrides
 
 
-def test_templates_and_classnames_files_replace_the_spec_prompts(clip, imagefolder_root, tmp_path):
-    spec = folder_spec(tmp_path, imagefolder_root, ["zeroshot"])
+def test_templates_and_classnames_files_replace_the_spec_prompts(clip, folder, cache, direct, tmp_path):
+    spec = folder_spec(tmp_path, folder, ["zeroshot"])
     templates = tmp_path / "templates.txt"
     templates.write_text("itap of a {c}.\na blurry photo of the {c}.\n{c}\n")
     classnames = tmp_path / "classnames.txt"
     classnames.write_text("crimson\nemerald\nnavy\n")
-    records = clipbench_run(tmp_path, spec, "--tasks", "zeroshot", "--templates", str(templates),
+    records = clipbench_run(tmp_path, cache, spec, "--tasks", "zeroshot", "--templates", str(templates),
                             "--classnames", str(classnames))
     record, sidecar = records["zeroshot"], records["zeroshot.per_class"]
 
-    files, labels = split_files(imagefolder_root, "test")
-    image = encode_images(clip, files)[0]
+    image, _, labels = direct["test"]
     predicted = (image @ zeroshot_weights(clip, ["crimson", "emerald", "navy"],
                                           ["itap of a {c}.", "a blurry photo of the {c}.", "{c}"])).argmax(1)
     with_spec_prompts = (image @ zeroshot_weights(clip, **PROMPTS)).argmax(1)
@@ -198,18 +219,18 @@ def test_templates_and_classnames_files_replace_the_spec_prompts(clip, imagefold
 # ----------------------------------------------------------------------------- class subset
 
 
-def test_class_subset_restricts_the_logits_end_to_end(clip, imagefolder_root, tmp_path):
+def test_class_subset_restricts_the_logits_end_to_end(clip, folder, cache, direct, tmp_path):
     """ImageNet-R/A style: the classifier has more classes than the data; labels index the subset."""
     # A random model's names are arbitrary labels. These put the random classifier's favourite
     # classes (grey, black) outside the subset and let the subset win for two of the three colours.
     full = ["grey", "yellow", "black", "purple", "red"]
     subset = [1, 3, 4]  # the fixture's labels 0, 1, 2 are these positions of the full list
-    spec = folder_spec(tmp_path, imagefolder_root, ["zeroshot"], classnames=full, class_subset=subset)
-    records = clipbench_run(tmp_path, spec, "--tasks", "zeroshot")
+    spec = folder_spec(tmp_path, folder, ["zeroshot"], classnames=full, class_subset=subset)
+    records = clipbench_run(tmp_path, cache, spec, "--tasks", "zeroshot")
     record, sidecar = records["zeroshot"], records["zeroshot.per_class"]
 
-    files, labels = split_files(imagefolder_root, "test")
-    logits = encode_images(clip, files)[0] @ zeroshot_weights(clip, full, PROMPTS["templates"])
+    image, _, labels = direct["test"]
+    logits = image @ zeroshot_weights(clip, full, PROMPTS["templates"])
     restricted = logits[:, subset].argmax(1)
     unrestricted = np.array([subset.index(w) if w in subset else -1 for w in logits.argmax(1)])
     # some images prefer a class outside the subset, so the restriction shows in the record
@@ -232,28 +253,24 @@ def probe_reference(train_x, train_y, test_x, test_y) -> tuple[float, float]:
     return accuracy_of(final, test_x.astype(np.float64), test_y), C
 
 
-def test_linear_probe_on_projected_features_equals_scikit_learn(clip, imagefolder_root, tmp_path):
-    spec = folder_spec(tmp_path, imagefolder_root, ["zeroshot", "linear_probe"])
-    record = clipbench_run(tmp_path, spec, "--tasks", "linear_probe", "--probe-features", "projected")["linear_probe"]
+def test_linear_probe_on_projected_features_equals_scikit_learn(clip, folder, cache, direct, tmp_path):
+    spec = folder_spec(tmp_path, folder, ["zeroshot", "linear_probe"])
+    record = clipbench_run(tmp_path, cache, spec, "--tasks", "linear_probe", "--probe-features", "projected")["linear_probe"]
 
-    train_files, train_y = split_files(imagefolder_root, "train")
-    test_files, test_y = split_files(imagefolder_root, "test")
-    accuracy, C = probe_reference(encode_images(clip, train_files)[0], train_y,
-                                  encode_images(clip, test_files)[0], test_y)
+    (train_x, _, train_y), (test_x, _, test_y) = direct["train"], direct["test"]
+    accuracy, C = probe_reference(train_x, train_y, test_x, test_y)
     assert record["details"]["feature_kind"] == "projected" and record["config"]["probe_features"] == "projected"
     assert record["metrics"]["accuracy"] == pytest.approx(accuracy, abs=1e-12)
     assert record["details"]["C"] == pytest.approx(C, rel=1e-12)
     assert (record["details"]["n_train"], record["details"]["n_val"], record["n_samples"]) == (12, 3, 9)
 
 
-def test_torch_solver_through_the_pipeline_agrees_with_scikit_learn(clip, imagefolder_root, tmp_path):
-    spec = folder_spec(tmp_path, imagefolder_root, ["zeroshot", "linear_probe"])
-    record = clipbench_run(tmp_path, spec, "--tasks", "linear_probe", "--probe-solver", "torch")["linear_probe"]
+def test_torch_solver_through_the_pipeline_agrees_with_scikit_learn(clip, folder, cache, direct, tmp_path):
+    spec = folder_spec(tmp_path, folder, ["zeroshot", "linear_probe"])
+    record = clipbench_run(tmp_path, cache, spec, "--tasks", "linear_probe", "--probe-solver", "torch")["linear_probe"]
 
-    train_files, train_y = split_files(imagefolder_root, "train")
-    test_files, test_y = split_files(imagefolder_root, "test")
-    accuracy, C = probe_reference(encode_images(clip, train_files)[1], train_y,
-                                  encode_images(clip, test_files)[1], test_y)
+    (_, train_x, train_y), (_, test_x, test_y) = direct["train"], direct["test"]
+    accuracy, C = probe_reference(train_x, train_y, test_x, test_y)
     assert record["details"]["solver"] == "torch" and record["details"]["feature_kind"] == "before_projection"
     # test_linear_probe.py's tolerance for the torch solver: predictions agree (all 9 here), C
     # within a quarter decade
@@ -264,9 +281,9 @@ def test_torch_solver_through_the_pipeline_agrees_with_scikit_learn(clip, imagef
 # ------------------------------------------------------------------------------ multi-label
 
 
-def test_multilabel_table_zeroshot_map_equals_voc_11point_ap(clip, imagefolder_root, tmp_path):
+def test_multilabel_table_zeroshot_map_equals_voc_11point_ap(clip, folder, cache, direct, tmp_path):
     """VOC2007's shape: a table whose label column holds lists of class indices, 11-point mAP."""
-    files, colours = split_files(imagefolder_root, "test")
+    files, colours = split_files(folder, "test")
     targets = np.zeros((len(files), 3), dtype=np.uint8)
     targets[np.arange(len(files)), colours] = 1
     targets[::2, 2] = 1  # every other image also shows something blue
@@ -278,10 +295,10 @@ def test_multilabel_table_zeroshot_map_equals_voc_11point_ap(clip, imagefolder_r
                       multilabel=True, splits={"test": "test.jsonl"}, **PROMPTS,
                       source={"type": "table", "path": str(table.parent), "image_column": "image",
                               "label_column": "labels"})
-    records = clipbench_run(tmp_path, spec, "--tasks", "zeroshot")
+    records = clipbench_run(tmp_path, cache, spec, "--tasks", "zeroshot")
     record, sidecar = records["zeroshot"], records["zeroshot.per_class"]
 
-    logits = encode_images(clip, files)[0] @ zeroshot_weights(clip, **PROMPTS)
+    logits = direct["test"][0] @ zeroshot_weights(clip, **PROMPTS)  # the table lists the same files
     ap = [reference_ap_11point(logits[:, c].tolist(), targets[:, c].tolist()) for c in range(3)]
     assert record["primary_metric"] == "map_11point" and record["n_samples"] == len(files)
     assert record["metrics"]["map_11point"] == pytest.approx(np.mean(ap), abs=1e-9)
