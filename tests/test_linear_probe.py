@@ -221,6 +221,7 @@ def test_sample_few_shot_is_balanced_nested_and_seeded() -> None:
         sample_few_shot(targets, 500, seed=0)
 
 
+@pytest.mark.slow
 def test_few_shot_never_uses_validation_or_test_samples() -> None:
     train_x, train_y, _, _, test_x, test_y = splits(300, 0, 150, 16, 4, 0.8, seed=7)
     kwargs = dict(primary_metric="accuracy", ks=(1, 4), seeds=(0, 1), val_fraction=0.25, split_seed=5)
