@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import tarfile
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.linear_model import LogisticRegression
 
 # Tests never touch the network and never write outside their tmp dirs.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,12 +30,10 @@ def make_image(label: int, index: int, size: int = 32) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-@pytest.fixture
-def imagefolder_root(tmp_path: Path) -> Path:
+def write_imagefolder(root: Path) -> Path:
     """``root/{train,test}/{a_red,b_green,c_blue}/*.png``, 5 train and 3 test images per class.
 
     Folder names sort in label order (red=0, green=1, blue=2)."""
-    root = tmp_path / "folder"
     for split, n in (("train", 5), ("test", 3)):
         for label, name in enumerate(("a_red", "b_green", "c_blue")):
             d = root / split / name
@@ -40,6 +41,12 @@ def imagefolder_root(tmp_path: Path) -> Path:
             for i in range(n):
                 make_image(label, i + (100 if split == "test" else 0)).save(d / f"{i:03d}.png")
     return root
+
+
+@pytest.fixture
+def imagefolder_root(tmp_path: Path) -> Path:
+    """:func:`write_imagefolder` in the test's tmp dir."""
+    return write_imagefolder(tmp_path / "folder")
 
 
 @pytest.fixture
@@ -80,3 +87,60 @@ def write_wds(root: Path, n: int) -> Path:
                 _add_bytes(tar, f"s{i:05d}.webp", buf.getvalue())
                 _add_bytes(tar, f"s{i:05d}.cls", str(i % 3).encode())
     return root
+
+
+def reference_sweep(train_x, train_y, val_x, val_y, score_fn):
+    """The paper's C search written directly with scikit-learn (sequential, float64).
+
+    Grid in log10 C; warm starts as documented: the decade points from zero, later points from the
+    best model so far. Returns the chosen log10 C, every point's validation score and fitted model."""
+    train_x, val_x = train_x.astype(np.float64), val_x.astype(np.float64)
+    fitted, scores = {}, {}
+
+    def evaluate(x: float, start: LogisticRegression | None) -> None:
+        if start is None:
+            model = LogisticRegression(C=10.0 ** x, max_iter=1000)
+        else:
+            model = copy.deepcopy(start).set_params(C=10.0 ** x, warm_start=True)
+        fitted[x] = model.fit(train_x, train_y)
+        scores[x] = score_fn(model, val_x, val_y)
+
+    def best() -> float:
+        top = max(scores.values())
+        return min(x for x, s in scores.items() if s == top)
+
+    for x in range(-6, 7, 2):
+        evaluate(float(x), None)
+    for step in (1.0, 0.5, 0.25, 0.125):
+        center = best()
+        start = fitted[center]
+        for x in (center - step, center + step):
+            if -6 <= x <= 6 and x not in scores:
+                evaluate(x, start)
+    return best(), scores, fitted
+
+
+def reference_protocol(train_x, train_y, val_x, val_y, score_fn):
+    """:func:`reference_sweep`, then the final train+val fit warm-started from the chosen C's model.
+    Returns (C, scores by log10 C, final model)."""
+    chosen, scores, fitted = reference_sweep(train_x, train_y, val_x, val_y, score_fn)
+    final = copy.deepcopy(fitted[chosen]).set_params(warm_start=True)
+    final.fit(np.concatenate([train_x, val_x]).astype(np.float64), np.concatenate([train_y, val_y]))
+    return 10.0 ** chosen, scores, final
+
+
+def reference_ap_11point(scores, targets):
+    """VOC2007 11-point AP written out literally, with exact fractions for recall and precision."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # Python's sort is stable
+    num_positives = sum(int(targets[i]) for i in order)
+    tp = fp = 0
+    points = []  # (recall, precision) at each rank
+    for i in order:
+        tp += int(targets[i])
+        fp += 1 - int(targets[i])
+        points.append((Fraction(tp, num_positives), Fraction(tp, tp + fp)))
+    total = Fraction(0)
+    for i in range(11):
+        eligible = [precision for recall, precision in points if recall >= Fraction(i, 10)]
+        total += max(eligible) if eligible else 0
+    return float(total / 11)

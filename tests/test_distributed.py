@@ -236,6 +236,7 @@ def runs(tmp_path_factory) -> Runs:
     return runs
 
 
+@pytest.mark.slow
 def test_two_ranks_give_the_records_and_features_of_one_process(runs):
     proc = runs.torchrun("torchrun")
     assert proc.returncode == 0, proc.stderr
@@ -252,6 +253,7 @@ def test_two_ranks_give_the_records_and_features_of_one_process(runs):
     assert proc.stdout.count("colours_") == len(DATASETS)  # the summary table, printed once (rank 0)
 
 
+@pytest.mark.slow
 def test_a_dead_rank_fails_the_job_naming_it_and_a_rerun_resumes(runs):
     proc = runs.torchrun("killed", CLIPBENCH_TEST_FAIL_RANK="1")
     assert proc.returncode != 0

@@ -12,6 +12,9 @@ from clipbench import specs
 from clipbench.models import load_model
 from clipbench.pipeline import Evaluator, RunConfig
 
+# the module's fixtures run the embedded default on its synthetic datasets
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -17,7 +16,7 @@ from clipbench.tasks.linear_probe import (
     sample_few_shot,
     stratified_val_split,
 )
-from conftest import gaussian_mixture
+from conftest import gaussian_mixture, reference_protocol
 
 DECADES = [-6, -4, -2, 0, 2, 4, 6]
 
@@ -113,40 +112,6 @@ def test_stratified_val_split_is_disjoint_stratified_and_deterministic() -> None
 
 
 # ----------------------------------------------------------------------------- the probe
-
-
-def reference_protocol(train_x, train_y, val_x, val_y, score_fn):
-    """The paper's protocol written directly with scikit-learn (sequential, float64).
-
-    Grid in log10 C; warm starts as documented: the decade points from zero, later points from the
-    best model so far, the final train+val fit from the chosen C's model."""
-    train_x, val_x = train_x.astype(np.float64), val_x.astype(np.float64)
-    fitted, scores = {}, {}
-
-    def evaluate(x: float, start: LogisticRegression | None) -> None:
-        if start is None:
-            model = LogisticRegression(C=10.0 ** x, max_iter=1000)
-        else:
-            model = copy.deepcopy(start).set_params(C=10.0 ** x, warm_start=True)
-        fitted[x] = model.fit(train_x, train_y)
-        scores[x] = score_fn(model, val_x, val_y)
-
-    def best() -> float:
-        top = max(scores.values())
-        return min(x for x, s in scores.items() if s == top)
-
-    for x in range(-6, 7, 2):
-        evaluate(float(x), None)
-    for step in (1.0, 0.5, 0.25, 0.125):
-        center = best()
-        start = fitted[center]
-        for x in (center - step, center + step):
-            if -6 <= x <= 6 and x not in scores:
-                evaluate(x, start)
-    chosen = best()
-    final = copy.deepcopy(fitted[chosen]).set_params(warm_start=True)
-    final.fit(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]))
-    return 10.0 ** chosen, scores, final
 
 
 def accuracy_of(model, x, y):
@@ -255,6 +220,7 @@ def test_sample_few_shot_is_balanced_nested_and_seeded() -> None:
         sample_few_shot(targets, 500, seed=0)
 
 
+@pytest.mark.slow
 def test_few_shot_never_uses_validation_or_test_samples() -> None:
     train_x, train_y, _, _, test_x, test_y = splits(300, 0, 150, 16, 4, 0.8, seed=7)
     kwargs = dict(primary_metric="accuracy", ks=(1, 4), seeds=(0, 1), val_fraction=0.25, split_seed=5)

@@ -2,35 +2,18 @@
 
 import json
 import warnings
-from fractions import Fraction
 
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score, top_k_accuracy_score
 
 from clipbench import metrics
+from conftest import reference_ap_11point
 
 
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
-
-
-def reference_ap_11point(scores, targets):
-    """VOC2007 11-point AP written out literally, with exact fractions for recall and precision."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # Python's sort is stable
-    num_positives = sum(int(targets[i]) for i in order)
-    tp = fp = 0
-    points = []  # (recall, precision) at each rank
-    for i in order:
-        tp += int(targets[i])
-        fp += 1 - int(targets[i])
-        points.append((Fraction(tp, num_positives), Fraction(tp, tp + fp)))
-    total = Fraction(0)
-    for i in range(11):
-        eligible = [precision for recall, precision in points if recall >= Fraction(i, 10)]
-        total += max(eligible) if eligible else 0
-    return float(total / 11)
 
 
 # ---------------------------------------------------------------- top-k accuracy

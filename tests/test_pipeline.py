@@ -169,6 +169,7 @@ def test_cli_bad_spec_names_file_and_field(tmp_path):
     assert proc.returncode != 0 and str(bad) in proc.stderr and "field 'source'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_run_with_local_checkpoint_writes_records(model, spec_file, tmp_path):
     checkpoint = tmp_path / "weights.pt"
     torch.save(model.model.state_dict(), checkpoint)

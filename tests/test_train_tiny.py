@@ -30,6 +30,7 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
     assert train_tiny._lr_at(109, cfg) == pytest.approx(0.5e-3 * (1 + math.cos(math.pi * 99 / 100)))
 
 
+@pytest.mark.slow
 def test_cli_trains_a_few_steps_from_a_clean_checkout(tmp_path):
     out = tmp_path / "w" / "tiny.pt"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -55,6 +56,7 @@ def _state(clip: train_tiny.TinyClip) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in clip.model.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_with_or_without_a_loader_worker():
     torch.manual_seed(123)
     before = torch.rand(3)
