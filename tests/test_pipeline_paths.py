@@ -175,7 +175,7 @@ def test_few_shot_record_equals_scikit_learn_on_the_same_shot_sets(clip, folder,
         expected[k] = scores, log10_c
 
     details = record["details"]
-    assert details["val_source"] == "carved" and details["n_val"] == len(val)
+    assert details["val_source"] == "stratified 0.2 of train (seed 0)" and details["n_val"] == len(val)
     assert details["feature_kind"] == "before_projection" and details["primary_is_largest_k"] == 2
     for k, (scores, log10_c) in expected.items():
         entry = details["k"][str(k)]
