@@ -62,14 +62,14 @@ class SpecReader(Protocol):
         """An inline list, or the lines of a file relative to the spec or the templates folder."""
 
 
-def _expected(kind: str) -> str:
-    return {
-        "str": "a string",
-        "bool": "true or false",
-        "int": "an integer",
-        "mapping": "a mapping",
-        "list": "an inline list of strings or a file path",
-    }[kind]
+# option kind -> (accepted YAML value types, how an error line describes it); "list" options are
+# read by the spec loader (an inline list or a file), as classnames are
+_KINDS: dict[str, tuple[type, str]] = {
+    "str": (str, "a string"),
+    "bool": (bool, "true or false"),
+    "int": (int, "an integer"),
+    "mapping": (dict, "a mapping"),
+}
 
 
 def _kind(hint: Any) -> str:
@@ -103,30 +103,18 @@ def parse_options(options_class: type, raw: Mapping[str, Any], reader: SpecReade
         value = raw.get(f.name)
         if value is None:
             continue
-        kind = _kind(hints[f.name])
-        name = f"{prefix}.{f.name}"
-        expected = f.metadata.get("expected", _expected(kind))
+        kind, name = _kind(hints[f.name]), f"{prefix}.{f.name}"
         if kind == "list":
             items = reader.load_list(value, name)
-            if items is None:
-                ok = False
-                continue
-            value = tuple(items)
-        elif kind == "mapping":
-            if not isinstance(value, dict):
-                reader.add(name, expected, value)
-                ok = False
-                continue
-            value = dict(value)
-        elif kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-            reader.add(name, expected, value)
+            ok = ok and items is not None
+            values[f.name] = tuple(items or ())
+            continue
+        accepted, generic = _KINDS[kind]
+        if not isinstance(value, accepted) or (kind == "int" and isinstance(value, bool)):
+            reader.add(name, f.metadata.get("expected", generic), value)
             ok = False
             continue
-        elif kind in ("str", "bool") and not isinstance(value, str if kind == "str" else bool):
-            reader.add(name, expected, value)
-            ok = False
-            continue
-        values[f.name] = value
+        values[f.name] = dict(value) if kind == "mapping" else value
     return options_class(**values) if ok else None
 
 

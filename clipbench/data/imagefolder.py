@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -19,8 +19,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class ImageFolderOptions:
     #: folder names in class-index order (a file or an inline list); None: sorted folder names
-    class_folders: tuple[str, ...] | None = field(
-        default=None, metadata={"expected": "an inline list of folder names or a file listing them"})
+    class_folders: tuple[str, ...] | None = None
 
 
 @register_format
