@@ -91,6 +91,12 @@ class DatasetSpec:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def _close_hint(word: Any, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or nothing."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 class _Errors:
     def __init__(self, file: Path):
         self.file = file
@@ -150,13 +156,9 @@ def _validate_source(raw: Any, errors: _Errors) -> SourceSpec | None:
         errors.add("source", "a mapping with at least 'type' and 'path'", raw)
         return None
     kind = raw.get("type")
-    try:
-        fmt = get_format(kind)
-    except ClipbenchError:
-        close = difflib.get_close_matches(str(kind), known_types(), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        errors.add("source.type", f"one of {known_types()}{hint}", kind)
-        fmt = None
+    fmt = get_format(kind) if kind in known_types() else None
+    if fmt is None:
+        errors.add("source.type", f"one of {known_types()}{_close_hint(kind, known_types())}", kind)
     path = raw.get("path")
     if not isinstance(path, str) or not path:
         errors.add("source.path", "a non-empty string (hub id, torchvision class or directory)", path)
@@ -169,10 +171,9 @@ def _validate_source(raw: Any, errors: _Errors) -> SourceSpec | None:
     if fmt is None:
         return None
     known = [*COMMON_FIELDS, *option_names(fmt.options_class)]
-    for key in sorted(set(raw) - set(known)):
-        close = difflib.get_close_matches(str(key), known, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        errors.add(f"source.{key}", f"a field of source type '{fmt.type}'{hint}; its fields: {known}", key)
+    for key in sorted(set(raw) - set(known), key=str):
+        errors.add(f"source.{key}", f"a field of source type '{fmt.type}'{_close_hint(key, known)}; "
+                   f"its fields: {known}", key)
     options = parse_options(fmt.options_class, raw, errors)
     if options is None or not isinstance(path, str):
         return None
@@ -190,9 +191,8 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
         errors.add("(top level)", "a YAML mapping of spec fields", type(raw).__name__)
         errors.raise_if_any()
     for key in sorted(set(raw) - _TOP_FIELDS):
-        close = difflib.get_close_matches(key, sorted(_TOP_FIELDS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        errors.add(key, f"a known spec field{hint}; known fields: {sorted(_TOP_FIELDS)}", key)
+        errors.add(key, f"a known spec field{_close_hint(key, sorted(_TOP_FIELDS))}; "
+                   f"known fields: {sorted(_TOP_FIELDS)}", key)
 
     name = raw.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
