@@ -23,7 +23,7 @@ import numpy as np
 
 from . import results
 from .config import RunConfig
-from .data import Samples, load_split, local_dir
+from .data import Samples, load_split, source_prompts
 from .errors import ClipbenchError
 from .features import FeatureCache, ImageFeatures, image_features, model_identity, text_features
 from .specs import DatasetSpec
@@ -48,14 +48,11 @@ def prompts_for(spec: DatasetSpec, config: RunConfig, data_root: Path) -> tuple[
     classnames = list(spec.classnames or ())
     templates = list(spec.templates or ())
     origin = spec.templates_origin or "dataset spec"
-    if spec.source.type == "webdataset" and (not classnames or not templates):
-        from .data.webdataset import read_wds_prompts
-
-        root = local_dir(spec, data_root)
-        wds_classes, wds_templates = read_wds_prompts(root) if root else (None, None)
-        classnames = classnames or list(wds_classes or ())
-        if not templates and wds_templates:
-            templates, origin = list(wds_templates), "zeroshot_classification_templates.txt of the webdataset"
+    if not classnames or not templates:
+        data_classes, data_templates, data_origin = source_prompts(spec, data_root)
+        classnames = classnames or list(data_classes or ())
+        if not templates and data_templates:
+            templates, origin = list(data_templates), data_origin
     if config.classnames_file:
         classnames = _read_lines(config.classnames_file)
     if config.templates_file:
@@ -204,6 +201,9 @@ class Evaluator:
             encoded = text_features(self.model, build_prompts(classnames, templates), self.cache,
                                     batch_size=self._text_batch_size())
             class_prompts = ClassPrompts(classnames, templates, origin, encoded)
+            # where overriding prompts came from (their content is in prompts_digest)
+            settings = {**settings, "templates_file": self.config.templates_file,
+                        "classnames_file": self.config.classnames_file}
         elif needs.text == "captions":
             per_image = test_samples.captions or []
             flat = [c for caps in per_image for c in caps]

@@ -17,13 +17,12 @@ from typing import Any, Iterable
 
 import yaml
 
+from .data.formats import COMMON_FIELDS, get_format, known_types, option_names, parse_options
 from .errors import ClipbenchError
 from .metrics import get_metric, is_retrieval_metric, metric_names
 from .paths import specs_dir, templates_dir
 from .tasks.zeroshot import has_placeholder
 
-TASKS = ("zeroshot", "linear_probe", "retrieval")
-SOURCE_TYPES = ("huggingface", "torchvision", "imagefolder", "table", "webdataset", "video")
 SPLIT_ROLES = ("train", "val", "test")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 
@@ -32,28 +31,21 @@ _TOP_FIELDS = {
     "source", "splits", "val_fraction", "classnames", "templates", "templates_origin",
     "class_subset", "subsample", "notes",
 }
-_SOURCE_FIELDS = {
-    "type", "path", "config", "image_column", "label_column", "caption_column", "kwargs",
-    "download", "manual", "generator", "class_folders",
-}
-GENERATORS = ("synthetic",)
 
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """Where the data lives and how the adapter reads it (see docs/architecture.md)."""
+    """Where the data lives and how its storage format reads it (see docs/architecture.md).
+
+    ``options`` is the format's own options dataclass (``clipbench.data`` formats'
+    ``options_class``), holding the ``source:`` fields beyond the common four.
+    """
 
     type: str
     path: str
-    config: str | None = None
-    image_column: str | None = None
-    label_column: str | None = None
-    caption_column: str | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    options: Any
     download: bool = True
     manual: str | None = None
-    generator: str | None = None
-    class_folders: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +99,12 @@ class DatasetSpec:
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _close_hint(word: Any, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest choice, or nothing."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 class _Errors:
     def __init__(self, file: Path):
         self.file = file
@@ -115,6 +113,9 @@ class _Errors:
     def add(self, field_name: str, expected: str, got: Any = None) -> None:
         got_text = "" if got is None else f", got {got!r}"
         self.items.append(f"field '{field_name}': expected {expected}{got_text}")
+
+    def load_list(self, value: Any, field_name: str) -> list[str] | None:
+        return _load_list(value, field_name, self.file, self)
 
     def raise_if_any(self) -> None:
         if self.items:
@@ -157,47 +158,34 @@ def _load_list(value: Any, field_name: str, spec_file: Path, errors: _Errors) ->
     return None
 
 
-def _validate_source(raw: Any, spec_file: Path, errors: _Errors) -> SourceSpec | None:
+def _validate_source(raw: Any, errors: _Errors) -> SourceSpec | None:
+    """The common source fields here; the format's own fields by its options class."""
     if not isinstance(raw, dict):
         errors.add("source", "a mapping with at least 'type' and 'path'", raw)
         return None
-    for key in sorted(set(raw) - _SOURCE_FIELDS):
-        errors.add(f"source.{key}", f"one of the known source fields {sorted(_SOURCE_FIELDS)}", key)
     kind = raw.get("type")
-    if kind not in SOURCE_TYPES:
-        errors.add("source.type", f"one of {list(SOURCE_TYPES)}", kind)
+    fmt = get_format(kind) if kind in known_types() else None
+    if fmt is None:
+        errors.add("source.type", f"one of {known_types()}{_close_hint(kind, known_types())}", kind)
     path = raw.get("path")
     if not isinstance(path, str) or not path:
         errors.add("source.path", "a non-empty string (hub id, torchvision class or directory)", path)
-    kwargs = raw.get("kwargs") or {}
-    if not isinstance(kwargs, dict):
-        errors.add("source.kwargs", "a mapping of adapter arguments", kwargs)
-        kwargs = {}
     download = raw.get("download", True)
     if not isinstance(download, bool):
         errors.add("source.download", "true or false", download)
-    generator = raw.get("generator")
-    if generator is not None and generator not in GENERATORS:
-        errors.add("source.generator", f"one of {list(GENERATORS)}", generator)
-    for key in ("config", "image_column", "label_column", "caption_column", "manual"):
-        if raw.get(key) is not None and not isinstance(raw.get(key), str):
-            errors.add(f"source.{key}", "a string", raw.get(key))
-    class_folders = _load_list(raw.get("class_folders"), "source.class_folders", spec_file, errors)
-    if not isinstance(kind, str) or not isinstance(path, str):
+    manual = raw.get("manual")
+    if manual is not None and not isinstance(manual, str):
+        errors.add("source.manual", "a string", manual)
+    if fmt is None:
         return None
-    return SourceSpec(
-        type=kind,
-        path=path,
-        config=raw.get("config"),
-        image_column=raw.get("image_column"),
-        label_column=raw.get("label_column"),
-        caption_column=raw.get("caption_column"),
-        kwargs=dict(kwargs),
-        download=bool(download),
-        manual=raw.get("manual"),
-        generator=generator,
-        class_folders=tuple(class_folders) if class_folders is not None else None,
-    )
+    known = [*COMMON_FIELDS, *option_names(fmt.options_class)]
+    for key in sorted(set(raw) - set(known), key=str):
+        errors.add(f"source.{key}", f"a field of source type '{fmt.type}'{_close_hint(key, known)}; "
+                   f"its fields: {known}", key)
+    options = parse_options(fmt.options_class, raw, errors)
+    if options is None or not isinstance(path, str):
+        return None
+    return SourceSpec(type=fmt.type, path=path, options=options, download=bool(download), manual=manual)
 
 
 def parse_spec(raw: Any, file: Path) -> DatasetSpec:
@@ -211,9 +199,8 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
         errors.add("(top level)", "a YAML mapping of spec fields", type(raw).__name__)
         errors.raise_if_any()
     for key in sorted(set(raw) - _TOP_FIELDS):
-        close = difflib.get_close_matches(key, sorted(_TOP_FIELDS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        errors.add(key, f"a known spec field{hint}; known fields: {sorted(_TOP_FIELDS)}", key)
+        errors.add(key, f"a known spec field{_close_hint(key, sorted(_TOP_FIELDS))}; "
+                   f"known fields: {sorted(_TOP_FIELDS)}", key)
 
     name = raw.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
@@ -223,8 +210,10 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
         errors.add("title", "a string", title)
 
     tasks = raw.get("tasks")
-    if not isinstance(tasks, list) or not tasks or any(t not in TASKS for t in tasks):
-        errors.add("tasks", f"a non-empty list drawn from {list(TASKS)}", tasks)
+    from .tasks import spec_task_names  # the task registry says which spec tasks exist
+
+    if not isinstance(tasks, list) or not tasks or any(t not in spec_task_names() for t in tasks):
+        errors.add("tasks", f"a non-empty list drawn from {spec_task_names()}", tasks)
         tasks = []
     is_retrieval = "retrieval" in tasks
     if is_retrieval and len(tasks) > 1:
@@ -259,7 +248,7 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
     if paper_name is not None and not isinstance(paper_name, str):
         errors.add("paper_name", "the dataset's column name in the paper's tables", paper_name)
 
-    source = _validate_source(raw.get("source"), file, errors)
+    source = _validate_source(raw.get("source"), errors)
 
     splits = raw.get("splits")
     if not isinstance(splits, dict) or "test" not in splits or splits.get("test") is None:
@@ -276,9 +265,10 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
 
     classnames = _load_list(raw.get("classnames"), "classnames", file, errors)
     templates = _load_list(raw.get("templates"), "templates", file, errors)
-    # clip_benchmark webdataset folders ship classnames.txt (and templates): the spec may defer to them
-    from_wds = isinstance(raw.get("source"), dict) and raw["source"].get("type") == "webdataset"
-    if "zeroshot" in tasks and not from_wds:
+    # formats whose data ships classnames and templates (webdataset) let the spec defer to them
+    source_type = raw["source"].get("type") if isinstance(raw.get("source"), dict) else None
+    defers = source_type in known_types() and get_format(source_type).provides_prompts
+    if "zeroshot" in tasks and not defers:
         if classnames is None:
             errors.add("classnames", "a classnames file or list (needed by the zeroshot task)", None)
         if templates is None:

@@ -346,7 +346,7 @@ def materialize(name: str, root: Path) -> Path:
     if name not in DATASET_NAMES:
         raise ClipbenchError(
             f"{name!r} is not a synthetic data set; clipbench.synthetic can write "
-            f"{', '.join(DATASET_NAMES)}. Check the spec's name or remove `source.generator`."
+            f"{', '.join(DATASET_NAMES)}. Check the spec's name or give it another source type."
         )
     root = Path(root)
     if _is_complete(root):

@@ -61,9 +61,10 @@ def test_spec_file_is_complete(spec):
     assert spec.notes, "every suite spec says how it follows (or deviates from) the paper"
     if spec.source.type in ("imagefolder", "table", "video") or not spec.source.download:
         assert spec.source.manual, "data that cannot be downloaded needs manual steps"
-    if spec.source.class_folders is not None:
-        assert len(spec.source.class_folders) == spec.num_classes
-        assert len(set(spec.source.class_folders)) == spec.num_classes
+    class_folders = getattr(spec.source.options, "class_folders", None)  # imagefolder only
+    if class_folders is not None:
+        assert len(class_folders) == spec.num_classes
+        assert len(set(class_folders)) == spec.num_classes
 
 
 @pytest.mark.parametrize("spec", ZEROSHOT, ids=lambda s: s.name)
@@ -125,7 +126,7 @@ def test_label_orders_follow_the_sources():
 def test_class_folders_spell_the_classnames():
     for name in ("birdsnap", "sun397"):
         spec = load_spec(name)
-        assert [f.replace("_", " ") for f in spec.source.class_folders] == list(spec.classnames)
+        assert [f.replace("_", " ") for f in spec.source.options.class_folders] == list(spec.classnames)
 
 
 def test_fer2013_synonyms_start_with_the_classnames():
@@ -142,4 +143,4 @@ def test_groups_and_retrieval_specs():
     for name in ("flickr30k", "mscoco"):
         spec = load_spec(name)
         assert spec.tasks == ("retrieval",) and spec.primary_metric == "text_to_image_R@1"
-        assert spec.split("test") == "test" and spec.source.caption_column
+        assert spec.split("test") == "test" and spec.source.options.caption_column

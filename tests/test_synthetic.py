@@ -114,7 +114,7 @@ def test_templates_and_classnames_files_match_the_module():
         spec = specs.load_spec(name)
         assert spec.classnames == synthetic.CLASSNAMES[name]
         assert spec.templates == synthetic.CLASS_TEMPLATES[name]
-        assert spec.source.generator == "synthetic" and "default" in spec.groups
+        assert spec.source.type == "synthetic" and "default" in spec.groups
         # Sorted, so sorted class folders and the classnames file agree on label indices.
         assert list(spec.classnames) == sorted(spec.classnames)
 

@@ -1,18 +1,67 @@
-"""Adapter for Hugging Face `datasets`: a local `save_to_disk` folder, a local folder of parquet or
+"""Storage format ``huggingface``: a local `save_to_disk` folder, a local folder of parquet or
 imagefolder files, or a hub id (downloaded into the data root's HF cache when allowed)."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ClipbenchError
 from .base import Samples, to_rgb
+from .formats import SourceFormat, register_format
+
+if TYPE_CHECKING:
+    from ..specs import DatasetSpec
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HuggingFaceOptions:
+    config: str | None = None          # the hub dataset's config name
+    image_column: str | None = None    # None: the first column of the `Image` feature type
+    label_column: str | None = None    # classification
+    caption_column: str | None = None  # retrieval: a string (one caption per line) or a list
+
+
+@register_format
+class HuggingFaceFormat(SourceFormat):
+    type = "huggingface"
+    options_class = HuggingFaceOptions
+
+    def automatic_hint(self, spec: "DatasetSpec", target: Path) -> str:
+        hub_id = spec.source.path
+        return (
+            f"run once with network access (clipbench downloads the hub dataset '{hub_id}'), or save it "
+            f"with `datasets.load_dataset('{hub_id}').save_to_disk('{target}')` on a machine with "
+            f"network and copy it there (or pass --data-root DIR)"
+        )
+
+    def load(self, spec: "DatasetSpec", role: str, data_root: Path, cache_dir: Path,
+             allow_download: bool) -> Samples:
+        options: HuggingFaceOptions = spec.source.options
+        split = str(spec.split(role))
+        root = self.locate(spec, data_root)
+        if root is not None:
+            dataset = open_local(root, split, options.config)
+        else:
+            reason = self.may_download(spec, allow_download)
+            if reason:
+                raise self.missing(spec, role, data_root, reason)
+            dataset = open_hub(spec.source.path, split, options.config, data_root / "hf-cache")
+        return samples_from_dataset(
+            dataset,
+            image_column=options.image_column,
+            label_column=None if spec.is_retrieval else options.label_column,
+            caption_column=options.caption_column if spec.is_retrieval else None,
+            num_classes=spec.num_classes,
+            multilabel=spec.multilabel,
+            description=f"{spec.name}:{split}",
+        )
 
 
 class HFImageLoader:

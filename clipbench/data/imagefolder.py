@@ -1,14 +1,40 @@
-"""Adapter for a plain image folder: ``<root>/<split>/<class folder>/<image>``."""
+"""Storage format ``imagefolder``: a plain image folder, ``<root>/<split>/<class folder>/<image>``."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from ..errors import ClipbenchError
 from .base import IMAGE_EXTENSIONS, FileImageLoader, Samples
+from .formats import SourceFormat, register_format
+
+if TYPE_CHECKING:
+    from ..specs import DatasetSpec
+
+
+@dataclass(frozen=True)
+class ImageFolderOptions:
+    #: folder names in class-index order (a file or an inline list); None: sorted folder names
+    class_folders: tuple[str, ...] | None = None
+
+
+@register_format
+class ImageFolderFormat(SourceFormat):
+    type = "imagefolder"
+    options_class = ImageFolderOptions
+
+    def load(self, spec: "DatasetSpec", role: str, data_root: Path, cache_dir: Path,
+             allow_download: bool) -> Samples:
+        return self.read(spec, role, self.require_local(spec, role, data_root), spec.source.options)
+
+    @staticmethod
+    def read(spec: "DatasetSpec", role: str, root: Path, options: ImageFolderOptions) -> Samples:
+        """The split of an image folder at ``root`` (also used for generated data)."""
+        return load_imagefolder(root, str(spec.split(role)), options.class_folders)
 
 
 def load_imagefolder(

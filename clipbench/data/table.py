@@ -1,4 +1,4 @@
-"""Adapter for an image table: a CSV or JSONL file with an image path column and labels or captions.
+"""Storage format ``table``: an image table: a CSV or JSONL file with an image path column and labels or captions.
 
 Rows name an image path relative to the table file. Retrieval tables give one or more captions per
 image: a caption column holding a list (JSONL, or a JSON list in a CSV cell) or a string; rows that
@@ -9,12 +9,47 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import ClipbenchError
 from .base import FileImageLoader, Samples
+from .formats import SourceFormat, register_format
+
+if TYPE_CHECKING:
+    from ..specs import DatasetSpec
+
+
+@dataclass(frozen=True)
+class TableOptions:
+    image_column: str = "image"       # image path, relative to the table file
+    label_column: str = "label"       # classification: a class index (multi-label: a list of them)
+    caption_column: str = "captions"  # retrieval: a string or a list of strings
+
+
+@register_format
+class TableFormat(SourceFormat):
+    type = "table"
+    options_class = TableOptions
+
+    def load(self, spec: "DatasetSpec", role: str, data_root: Path, cache_dir: Path,
+             allow_download: bool) -> Samples:
+        return self.read(spec, role, self.require_local(spec, role, data_root), spec.source.options)
+
+    @staticmethod
+    def read(spec: "DatasetSpec", role: str, root: Path, options: TableOptions) -> Samples:
+        """The split (a table file under ``root``) as labels or captions (also used for generated data)."""
+        return load_table(
+            root / str(spec.split(role)),
+            image_column=options.image_column,
+            label_column=None if spec.is_retrieval else options.label_column,
+            caption_column=options.caption_column if spec.is_retrieval else None,
+            num_classes=spec.num_classes,
+            multilabel=spec.multilabel,
+        )
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -52,11 +87,12 @@ def _captions_of(value) -> list[str]:
 
 def load_table(
     table: Path,
-    image_column: str = "image",
-    label_column: str | None = None,
-    caption_column: str | None = None,
-    num_classes: int | None = None,
-    multilabel: bool = False,
+    *,
+    image_column: str,
+    label_column: str | None,
+    caption_column: str | None,
+    num_classes: int | None,
+    multilabel: bool,
 ) -> Samples:
     """Load a classification (``label_column``) or retrieval (``caption_column``) table.
 

@@ -1,14 +1,65 @@
-"""Adapter for torchvision dataset classes (``torchvision.datasets.<Class>(root, download, **kwargs)``)."""
+"""Storage format ``torchvision``: torchvision dataset classes
+(``torchvision.datasets.<Class>(root, download, **kwargs)``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ClipbenchError
 from .base import Samples, to_rgb
+from .formats import SourceFormat, register_format
+
+if TYPE_CHECKING:
+    from ..specs import DatasetSpec
+
+
+@dataclass(frozen=True)
+class TorchvisionOptions:
+    #: extra constructor arguments of the torchvision class (the split's own arguments come on top)
+    kwargs: dict[str, Any] = field(default_factory=dict,
+                                   metadata={"expected": "a mapping of torchvision constructor arguments"})
+
+
+@register_format
+class TorchvisionFormat(SourceFormat):
+    type = "torchvision"
+    options_class = TorchvisionOptions
+
+    def candidate_dirs(self, spec: "DatasetSpec", data_root: Path) -> list[Path]:
+        # source.path is a class name, not a directory: the data sits in the dataset's own folder
+        return [data_root / spec.name]
+
+    def locate(self, spec: "DatasetSpec", data_root: Path) -> Path | None:
+        root = data_root / spec.name
+        return root if root.is_dir() and any(root.iterdir()) else None
+
+    def automatic_hint(self, spec: "DatasetSpec", target: Path) -> str:
+        return (
+            f"run once with network access (torchvision.datasets.{spec.source.path} downloads into {target}), "
+            "or copy an existing torchvision download there (or pass --data-root DIR)"
+        )
+
+    def load(self, spec: "DatasetSpec", role: str, data_root: Path, cache_dir: Path,
+             allow_download: bool) -> Samples:
+        split = spec.split(role)
+        tv_root = data_root / spec.name
+        present = self.locate(spec, data_root) is not None
+        reason = None if present else self.may_download(spec, allow_download)
+        if reason:
+            raise self.missing(spec, role, data_root, reason)
+        split_kwargs = dict(split) if isinstance(split, dict) else {"split": split}
+        try:
+            return load_torchvision(spec.source.path, tv_root, split_kwargs, spec.source.options.kwargs,
+                                    download=not present)
+        except RuntimeError as exc:
+            raise ClipbenchError(
+                f"torchvision could not load '{spec.name}' from {tv_root}: {exc}. "
+                f"To get it: {self.how_to_get(spec, data_root)}."
+            ) from None
 
 # Attribute names under which torchvision classes keep their labels, so targets are read without
 # decoding every image.

@@ -1,7 +1,7 @@
-"""Adapter for video datasets (UCF101, Kinetics700): each clip is represented by its middle frame.
+"""Storage format ``video`` (UCF101, Kinetics700): each clip is represented by its middle frame.
 
 The CLIP paper (appendix A.1) evaluates UCF101 and Kinetics700 on the middle frame of every clip.
-This adapter reads a split list, decodes each listed clip's middle frame with PyAV (the optional
+This format reads a split list, decodes each listed clip's middle frame with PyAV (the optional
 ``av`` package, extra ``video``) the first time it is needed, and caches it as a PNG so later runs
 never decode video again.
 
@@ -27,13 +27,33 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from typing import TYPE_CHECKING
+
 from ..atomic import atomic_open
 from ..errors import ClipbenchError
 from .base import Samples
+from .formats import SourceFormat, register_format
+
+if TYPE_CHECKING:
+    from ..specs import DatasetSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["load_video_split", "middle_frame", "MiddleFrameLoader", "class_key"]
+__all__ = ["VideoFormat", "load_video_split", "middle_frame", "MiddleFrameLoader", "class_key"]
+
+
+@register_format
+class VideoFormat(SourceFormat):
+    """``source.path``: the folder of class directories; a split value: its split list file."""
+
+    type = "video"
+    no_download_reason = "it must be downloaded by hand"
+
+    def load(self, spec: "DatasetSpec", role: str, data_root: Path, cache_dir: Path,
+             allow_download: bool) -> Samples:
+        root = self.require_local(spec, role, data_root)
+        return load_video_split(root, root / str(spec.split(role)), list(spec.classnames or ()),
+                                cache_dir / "video-frames" / spec.name)
 
 
 def class_key(name: str) -> str:
