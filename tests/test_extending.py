@@ -21,6 +21,11 @@ def modules_in_guide() -> dict[str, str]:
     return {name: body for name, body in blocks}
 
 
+def yaml_files_in_guide() -> dict[str, str]:
+    """``# name.yaml``-headed yaml blocks of the guide, by file name."""
+    return dict(re.findall(r"```yaml\n# ([\w.]+\.yaml)\n(.*?)```", GUIDE.read_text(), flags=re.S))
+
+
 def commands_in_guide() -> list[list[str]]:
     blocks = re.findall(r"```bash\n(.*?)```", GUIDE.read_text(), flags=re.S)
     return [shlex.split(line) for block in blocks for line in block.splitlines() if line.strip()]
@@ -29,14 +34,14 @@ def commands_in_guide() -> list[list[str]]:
 @pytest.fixture
 def plugin_dir(tmp_path, monkeypatch):
     """The guide's modules written to a directory on sys.path; registries restored afterwards."""
-    from clipbench import metrics, tasks
+    from clipbench import data, metrics, tasks
 
     folder = tmp_path / "plugins"
     folder.mkdir()
     for name, body in modules_in_guide().items():
         (folder / f"{name}.py").write_text(body)
     monkeypatch.syspath_prepend(str(folder))
-    saved = [(registry, dict(registry)) for registry in (tasks._REGISTRY, metrics._REGISTRY)]
+    saved = [(registry, dict(registry)) for registry in (tasks._REGISTRY, metrics._REGISTRY, data.formats._FORMATS)]
     yield folder
     for registry, entries in saved:
         registry.clear()
@@ -104,3 +109,44 @@ def test_guide_metric_is_computed_bootstrapped_and_accepted_by_specs(plugin_dir,
                              "templates": ["a {c}."]}, tmp_path / "mine.yaml")
     assert spec.primary_metric == "top3_accuracy"
     assert metrics.classification_metrics(scores, targets, "top3_accuracy")["top3_accuracy"] == pytest.approx(expected)
+
+
+def test_guide_format_loads_through_the_cli_like_the_same_images_in_an_image_folder(plugin_dir, tmp_path,
+                                                                                    monkeypatch):
+    from clipbench.synthetic import generate
+
+    # the guide's layout: <data-root>/my_arrays/{train,test}.npz, labels under "y"
+    names = ["circle", "square", "triangle"]
+    folder_root = tmp_path / "my-data" / "as_folder"
+    for split, n in (("train", 8), ("test", 6)):
+        images, labels = [], []
+        for label, shape in enumerate(names):
+            for i in range(n):
+                image = generate(f"extending/{split}", i, shape=shape).image
+                images.append(np.asarray(image))
+                labels.append(label)
+                (folder_root / split / shape).mkdir(parents=True, exist_ok=True)
+                image.save(folder_root / split / shape / f"{i:03d}.png")
+        (tmp_path / "my-data" / "my_arrays").mkdir(parents=True, exist_ok=True)
+        np.savez(tmp_path / "my-data" / "my_arrays" / f"{split}.npz", images=np.stack(images), y=np.array(labels))
+    for name, text in yaml_files_in_guide().items():
+        (tmp_path / name).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    (command,) = [c for c in commands_in_guide() if "npz_format" in " ".join(c)]
+    assert run_guide_command(command, tmp_path, monkeypatch) == 0
+    out = tmp_path / "out" / "clipbench-tiny__synthetic" / "my_arrays"
+    zeroshot = json.loads((out / "zeroshot.json").read_text())
+    probe = json.loads((out / "linear_probe.json").read_text())
+    assert zeroshot["n_samples"] == 18 and probe["n_samples"] == 18
+
+    # the same pixels through the built-in imagefolder format give the same numbers
+    spec_text = (tmp_path / "my_arrays.yaml").read_text().replace("name: my_arrays", "name: as_folder")
+    spec_text = spec_text.replace("  type: npz\n  path: my_arrays\n  labels_key: y\n",
+                                  "  type: imagefolder\n  path: as_folder\n")
+    (tmp_path / "as_folder.yaml").write_text(spec_text)
+    assert run_guide_command(["clipbench", "run", "--datasets", "as_folder.yaml", "--data-root", "my-data"],
+                             tmp_path, monkeypatch) == 0
+    folder = tmp_path / "out" / "clipbench-tiny__synthetic" / "as_folder"
+    assert json.loads((folder / "zeroshot.json").read_text())["metrics"] == zeroshot["metrics"]
+    assert json.loads((folder / "linear_probe.json").read_text())["metrics"] == probe["metrics"]
+    assert zeroshot["metrics"]["accuracy"] > 0.6  # the embedded model knows these shapes
