@@ -3,13 +3,12 @@
 Result records (JSON, see docs/architecture.md) and clip_benchmark result files are read into one
 DataFrame (`load_records`), turned into model × dataset tables (`report_tables`) and rendered as
 markdown, CSV, LaTeX or HTML (`build_report`). The paper's numbers are data under
-`results/reference/` (shipped as `clipbench.reference`), never typed into code.
+`reference/` (shipped as `clipbench.reference`), never typed into code.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from clipbench.errors import ClipbenchError
+from clipbench.paths import reference_dir
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,6 @@ _FRAME_COLUMNS = [
 # --------------------------------------------------------------------------- reference data
 
 
-def reference_dir() -> Path:
-    """Directory holding the paper's tables (`results/reference/` in a checkout, else the package data)."""
-    checkout = Path(__file__).resolve().parent.parent / "results" / "reference"
-    if (checkout / "zero_shot.csv").is_file():
-        return checkout
-    return Path(str(importlib.resources.files("clipbench") / "reference"))
-
-
 def load_reference(table: str) -> pd.DataFrame:
     """Load one of the paper's tables: `zero_shot`, `linear_probe`, `zero_shot_vs_rn50_probe`, `retrieval`.
 
@@ -100,8 +92,8 @@ def load_reference(table: str) -> pd.DataFrame:
     path = reference_dir() / f"{table}.csv"
     if not path.is_file():
         raise ClipbenchError(
-            f"The paper's reference table {path} is missing. It ships with clipbench under "
-            "results/reference/; reinstall clipbench or restore that file from the repository."
+            f"The paper's reference table {path} is missing. It ships with clipbench (reference/ in the "
+            "repository, clipbench/reference/ when installed); reinstall clipbench or restore that file."
         )
     return pd.read_csv(path)
 
@@ -135,7 +127,7 @@ class PaperReference:
         if matches.empty:
             raise ClipbenchError(
                 f"Unknown baseline {name!r}. The baseline is a row of the paper's Table 10 "
-                f"(results/reference/linear_probe.csv); pass --baseline with one of: "
+                f"(reference/linear_probe.csv); pass --baseline with one of: "
                 f"{', '.join(self.linear_probe['model'])}."
             )
         row_id = str(matches["model"].iloc[0])
@@ -535,7 +527,7 @@ def _baseline_table(sub: pd.DataFrame, task: str, infos: Mapping[str, DatasetInf
         task=task,
         frame=frame,
         percent_columns=labels,
-        notes=[f"baseline: linear probe {row_id!r}, paper Table 10 (results/reference/linear_probe.csv); "
+        notes=[f"baseline: linear probe {row_id!r}, paper Table 10 (reference/linear_probe.csv); "
                "diff = ours - baseline, as in the paper's Figure 5; wins = datasets with diff > 0."],
     )
 

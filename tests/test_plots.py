@@ -13,7 +13,7 @@ import pytest
 from clipbench import plots, report
 from clipbench.errors import ClipbenchError
 
-REFERENCE = Path(__file__).resolve().parent.parent / "results" / "reference"
+REFERENCE = Path(__file__).resolve().parent.parent / "reference"
 RUN = Path(__file__).parent / "fixtures" / "records" / "clipbench_run"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -20,7 +20,7 @@ from clipbench.report import DatasetInfo
 FIXTURES = Path(__file__).parent / "fixtures" / "records"
 RUN = FIXTURES / "clipbench_run"
 CLIP_BENCHMARK = FIXTURES / "clip_benchmark"
-REFERENCE = Path(__file__).resolve().parent.parent / "results" / "reference"
+REFERENCE = Path(__file__).resolve().parent.parent / "reference"
 
 # Explicit metadata, so the tests do not depend on the dataset specs.
 DATASETS = {
