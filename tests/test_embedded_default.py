@@ -14,6 +14,7 @@ import pytest
 
 from clipbench import specs
 from clipbench.cli import _build_parser, main
+from clipbench.results import load_records, record_path
 from clipbench.models import load_model
 from clipbench.pipeline import Evaluator, RunConfig
 
@@ -123,3 +124,13 @@ def test_report_after_the_quick_start_shows_exactly_that_run(trained, shared, tm
     assert shown == pytest.approx(expected, abs=1e-9)
     assert set(tidy["task"]) == {task for _, task in trained}
 
+
+def test_load_records_reads_back_exactly_what_the_run_wrote(trained, shared):
+    frame = load_records([shared / "trained"])
+    assert sorted(zip(frame["dataset"], frame["task"])) == sorted(trained)
+    for _, row in frame.iterrows():
+        record = trained[(row["dataset"], row["task"])]
+        assert (row["model"], row["pretrained"]) == (record.model, record.pretrained)
+        assert row["metrics"] == record.metrics and row["value"] == record.primary_value
+        assert Path(row["source"]) == record_path(shared / "trained", record.model, record.pretrained,
+                                                  record.dataset, record.task)
