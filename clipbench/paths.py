@@ -1,7 +1,7 @@
 """Where clipbench finds its packaged data and keeps its caches.
 
 Dataset specs, templates and the paper's reference tables sit at the top of a source checkout
-(`dataset_specs/`, `templates/`, `results/reference/`) and inside the installed package
+(`dataset_specs/`, `templates/`, `reference/`) and inside the installed package
 (`clipbench/dataset_specs`, ...) in a wheel; both layouts are looked up, package first.
 """
 
@@ -32,7 +32,7 @@ def templates_dir() -> Path:
 
 def reference_dir() -> Path:
     """Directory holding the CLIP paper's reference tables (CSV)."""
-    return _packaged_dir("reference", "results/reference")
+    return _packaged_dir("reference", "reference")
 
 
 def package_dir() -> Path:

@@ -3,22 +3,29 @@
 Layout: ``<output>/<model>__<pretrained>/<dataset>/<task>.json`` with sidecars beside it
 (``<task>.per_class.json``). A record is never half-written: it is written to a temporary file in
 the same directory and renamed into place, so a crash leaves either the old file or none.
+`load_records` reads such a tree (and clip_benchmark result files) back into one DataFrame for reports.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 from .atomic import atomic_open
 from .errors import ClipbenchError
+from .interop import from_clip_benchmark, is_clip_benchmark_result
+from .reference import DatasetLookup
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
 #: Bumped whenever a metric's definition or a task's protocol changes: part of every record's
@@ -176,3 +183,106 @@ def package_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return out
+
+
+# --------------------------------------------------------------------------- reading records for reports
+
+_FRAME_COLUMNS = [
+    "model", "pretrained", "dataset", "task", "primary_metric", "value", "ci_low", "ci_high",
+    "n_samples", "k", "std", "metrics", "origin", "source",
+]
+
+
+def _is_clipbench_record(obj: Any) -> bool:
+    return isinstance(obj, dict) and {"model", "dataset", "task", "metrics"} <= obj.keys() and (
+        "schema_version" in obj or "primary_metric" in obj
+    )
+
+
+def records_frame(
+    records: Iterable[Mapping[str, Any]],
+    sources: Sequence[str] | None = None,
+    origins: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """One row per record (few-shot records: one row per k) with the columns of `load_records`."""
+    rows: list[dict[str, Any]] = []
+    records = list(records)
+    sources = list(sources) if sources is not None else [""] * len(records)
+    origins = list(origins) if origins is not None else ["clipbench"] * len(records)
+    for record, source, origin in zip(records, sources, origins):
+        metric = record.get("primary_metric")
+        metrics = dict(record.get("metrics") or {})
+        ci = (record.get("confidence_intervals") or {}).get(metric) or (None, None)
+        base = {
+            "model": record["model"],
+            "pretrained": record.get("pretrained") or "",
+            "dataset": record["dataset"],
+            "task": record["task"],
+            "primary_metric": metric,
+            "value": metrics.get(metric, math.nan),
+            "ci_low": ci[0] if ci[0] is not None else math.nan,
+            "ci_high": ci[1] if ci[1] is not None else math.nan,
+            "n_samples": record.get("n_samples"),
+            "k": pd.NA,
+            "std": math.nan,
+            "metrics": metrics,
+            "origin": origin,
+            "source": source,
+        }
+        shots = (record.get("details") or {}).get("k") if record["task"] == "few_shot" else None
+        if shots:
+            for k, stats in sorted(shots.items(), key=lambda item: int(item[0])):
+                rows.append({**base, "k": int(k), "value": stats["mean"], "std": stats.get("std", math.nan),
+                             "ci_low": math.nan, "ci_high": math.nan})
+        else:
+            rows.append(base)
+    frame = pd.DataFrame(rows, columns=_FRAME_COLUMNS)
+    frame["k"] = frame["k"].astype("Int64")
+    return frame
+
+
+def _record_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise ClipbenchError(
+            f"Results path {path} does not exist. Pass the --output directory of `clipbench run` "
+            "(or a clip_benchmark results directory, or a single result JSON file)."
+        )
+    return sorted(p for p in path.rglob("*.json") if not p.name.endswith((".per_class.json", SUPERSEDED_SUFFIX)))
+
+
+def load_records(paths: Sequence[Path], datasets: DatasetLookup | None = None) -> pd.DataFrame:
+    """Read every result record found (recursively) under `paths` into a DataFrame.
+
+    Accepts clipbench records and clip_benchmark result files; `*.per_class.json` sidecars are
+    skipped, other JSON files are skipped with a warning. Columns: model, pretrained, dataset, task,
+    primary_metric, value (fraction), ci_low, ci_high, n_samples, k (few-shot shots per class, one row
+    per k; <NA> otherwise), std (few-shot std over seeds), metrics (dict), origin, source (file path).
+    When two files hold the same model × pretrained × dataset × task, the later path wins (warned).
+    """
+    records, sources, origins = [], [], []
+    for root in paths:
+        for path in _record_files(Path(root)):
+            try:
+                obj = json.loads(path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                log.warning("Skipping %s: not valid JSON (%s)", path, exc)
+                continue
+            if _is_clipbench_record(obj):
+                records.append(obj)
+                origins.append("clipbench")
+            elif is_clip_benchmark_result(obj):
+                records.append(from_clip_benchmark(obj, datasets))
+                origins.append("clip_benchmark")
+            else:
+                log.warning("Skipping %s: not a clipbench or clip_benchmark result record", path)
+                continue
+            sources.append(str(path))
+    frame = records_frame(records, sources, origins)
+    key = ["model", "pretrained", "dataset", "task", "k"]
+    duplicated = frame.duplicated(subset=key, keep="last")
+    for _, row in frame[duplicated].iterrows():
+        log.warning("Ignoring %s: a later file has the same %s result", row["source"],
+                    "/".join(str(row[c]) for c in key[:4]))
+    return frame[~duplicated].reset_index(drop=True)

@@ -4,11 +4,17 @@ normalization, a transposed similarity) cannot pass."""
 
 from __future__ import annotations
 
+import io
+import shutil
+import subprocess
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from clipbench import specs
+from clipbench.cli import _build_parser, main
+from clipbench.results import load_records, record_path
 from clipbench.models import load_model
 from clipbench.pipeline import Evaluator, RunConfig
 
@@ -66,3 +72,68 @@ def test_linear_probe_beats_zero_shot_on_the_trained_model(trained):
     probe = trained[("synthetic-shapes", "linear_probe")]
     assert probe.metrics["accuracy"] > trained[("synthetic-shapes", "zeroshot")].metrics["accuracy"]
     assert probe.details["feature_kind"] == "before_projection" and probe.details["C"] > 0
+
+
+# --------------------------------------------------------------------------- report after the quick start
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_output() -> Path:
+    """The --output of a bare `clipbench run`, as its parser reads it."""
+    output = _build_parser().parse_args(["run"]).output
+    assert not output.is_absolute()
+    return output
+
+
+def test_nothing_packaged_lives_under_the_default_output():
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packaged = [Path(d) for d in setuptools["package-dir"].values()]
+    assert "clipbench.reference" in setuptools["package-dir"]  # the paper's tables still ship
+    assert [d for d in packaged if d.is_relative_to(default_output())] == []
+
+
+def test_report_after_the_quick_start_shows_exactly_that_run(trained, shared, tmp_path, monkeypatch, capsys):
+    """The quick start runs `clipbench run` in a checkout, then `clipbench report <default output>`:
+    the report must hold that run's records and nothing checked in beside them."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    checkout = tmp_path / "checkout"
+    for name in filter(None, listed.stdout.split("\0")):
+        if Path(name).is_relative_to(default_output()):  # what a fresh clone already has there
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, checkout / name)
+    shutil.copytree(shared / "trained", checkout / default_output(), dirs_exist_ok=True)
+    monkeypatch.chdir(checkout)
+
+    assert main(["report", str(default_output()), "--format", "csv"]) == 0
+    tidy = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    ours = tidy[tidy["row"] == "ours"]
+    scores = ours[ours["task"].isin(["zeroshot", "linear_probe"]) & ~ours["column"].str.startswith("mean")]
+    shown = {(dataset, task): value for dataset, task, value in zip(scores["column"], scores["task"], scores["value"])}
+    for (dataset, metric), value in ((c.rsplit(" ", 1), v) for c, v in zip(
+            ours.loc[ours["task"] == "retrieval", "column"], ours.loc[ours["task"] == "retrieval", "value"])):
+        shown[(dataset, "retrieval", metric)] = value
+    expected = {}
+    for (dataset, task), record in trained.items():
+        if task == "retrieval":
+            expected.update({(dataset, task, m): v for m, v in record.metrics.items() if "_R@" in m})
+        else:
+            expected[(dataset, task)] = record.primary_value
+    assert set(shown) == set(expected)
+    assert shown == pytest.approx(expected, abs=1e-9)
+    assert set(tidy["task"]) == {task for _, task in trained}
+
+
+def test_load_records_reads_back_exactly_what_the_run_wrote(trained, shared):
+    frame = load_records([shared / "trained"])
+    assert sorted(zip(frame["dataset"], frame["task"])) == sorted(trained)
+    for _, row in frame.iterrows():
+        record = trained[(row["dataset"], row["task"])]
+        assert (row["model"], row["pretrained"]) == (record.model, record.pretrained)
+        assert row["metrics"] == record.metrics and row["value"] == record.primary_value
+        assert Path(row["source"]) == record_path(shared / "trained", record.model, record.pretrained,
+                                                  record.dataset, record.task)

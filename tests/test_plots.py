@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from clipbench import plots, report
+from clipbench import plots, report, results
 from clipbench.errors import ClipbenchError
 
-REFERENCE = Path(__file__).resolve().parent.parent / "results" / "reference"
+REFERENCE = Path(__file__).resolve().parent.parent / "reference"
 RUN = Path(__file__).parent / "fixtures" / "records" / "clipbench_run"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -69,7 +69,7 @@ def test_model_comparison(tmp_path):
 
 
 def test_report_figures_use_the_records(tmp_path):
-    frame = report.load_records([RUN])
+    frame = results.load_records([RUN])
     written = {p.path.name: p for p in report.write_plots(frame, tmp_path)}
     assert all(is_png(p.path) for p in written.values())
     assert set(written) == {

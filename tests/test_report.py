@@ -13,14 +13,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from clipbench import report
+from clipbench import interop, reference, report, results
 from clipbench.errors import ClipbenchError
-from clipbench.report import DatasetInfo
+from clipbench.reference import DatasetInfo
 
 FIXTURES = Path(__file__).parent / "fixtures" / "records"
 RUN = FIXTURES / "clipbench_run"
 CLIP_BENCHMARK = FIXTURES / "clip_benchmark"
-REFERENCE = Path(__file__).resolve().parent.parent / "results" / "reference"
+REFERENCE = Path(__file__).resolve().parent.parent / "reference"
 
 # Explicit metadata, so the tests do not depend on the dataset specs.
 DATASETS = {
@@ -62,7 +62,7 @@ def row_of(body: list[list[str]], header: list[str], model: str, row: str) -> di
 
 @pytest.fixture(scope="module")
 def frame() -> pd.DataFrame:
-    return report.load_records([RUN, CLIP_BENCHMARK], datasets=DATASETS)
+    return results.load_records([RUN, CLIP_BENCHMARK], datasets=DATASETS)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_figure5_inputs_agree_with_tables_10_and_11():
 
 
 def test_reference_loader_and_baseline_row():
-    ref = report.load_paper_reference()
+    ref = reference.load_paper_reference()
     assert ref.datasets == list(paper_table("zero_shot")["RN50"])
     row_id, base = ref.baseline_row("resnet-50")
     assert row_id == "ResNet-50"
@@ -107,34 +107,34 @@ def test_reference_loader_and_baseline_row():
 
 
 def test_paper_model_aliases():
-    assert report.paper_model("ViT-B-32", "openai") == "ViT-B/32"
-    assert report.paper_model("ViT-L-14-336", "openai") == "ViT-L/14@336px"
-    assert report.paper_model("RN50x4", "openai") == "RN50x4"
-    assert report.paper_model("ViT-B-32", "laion2b_s34b_b79k") is None
-    assert report.paper_model("tiny-clip", "openai") is None
-    ref = report.load_paper_reference()
-    for model in report.PAPER_MODELS.values():  # every alias has a row in Tables 10 and 11
+    assert reference.paper_model("ViT-B-32", "openai") == "ViT-B/32"
+    assert reference.paper_model("ViT-L-14-336", "openai") == "ViT-L/14@336px"
+    assert reference.paper_model("RN50x4", "openai") == "RN50x4"
+    assert reference.paper_model("ViT-B-32", "laion2b_s34b_b79k") is None
+    assert reference.paper_model("tiny-clip", "openai") is None
+    ref = reference.load_paper_reference()
+    for model in reference.PAPER_MODELS.values():  # every alias has a row in Tables 10 and 11
         assert ref.classification_row("zeroshot", model) is not None
         assert ref.classification_row("linear_probe", model) is not None
 
 
 def test_dataset_info_lookup_and_fallback():
-    assert report.dataset_info("cifar10", DATASETS).groups == ("paper", "vtab")
+    assert reference.dataset_info("cifar10", DATASETS).groups == ("paper", "vtab")
     custom = {"stanford_cars": DatasetInfo("stanford_cars", None)}
-    assert report.dataset_info("stanford_cars", custom).paper_name is None  # injected metadata wins
+    assert reference.dataset_info("stanford_cars", custom).paper_name is None  # injected metadata wins
     # Not in the mapping: case/punctuation-insensitive match against paper columns and Figure 5 labels.
-    assert report.dataset_info("Stanford-Cars", {}).paper_name == "StanfordCars"
-    assert report.dataset_info("clevr_counts", {}).paper_name == "CLEVR"
-    assert report.dataset_info("patch_camelyon", {}).paper_name == "PCam"
-    assert report.dataset_info("my_own_data", {}).paper_name is None
+    assert reference.dataset_info("Stanford-Cars", {}).paper_name == "StanfordCars"
+    assert reference.dataset_info("clevr_counts", {}).paper_name == "CLEVR"
+    assert reference.dataset_info("patch_camelyon", {}).paper_name == "PCam"
+    assert reference.dataset_info("my_own_data", {}).paper_name is None
 
 
 # ----------------------------------------------------------------------------- records
 
 
 def test_load_records_rows_and_skips(caplog):
-    with caplog.at_level(logging.WARNING, logger="clipbench.report"):
-        df = report.load_records([RUN], datasets=DATASETS)
+    with caplog.at_level(logging.WARNING, logger="clipbench.results"):
+        df = results.load_records([RUN], datasets=DATASETS)
     assert "notes.json" in caplog.text
     assert not df["source"].str.endswith(".per_class.json").any()
     files = [p for p in RUN.rglob("*.json") if not p.name.endswith(".per_class.json") and p.name != "notes.json"]
@@ -151,9 +151,9 @@ def test_load_records_rows_and_skips(caplog):
 
 def test_missing_results_dir_is_a_clear_error(tmp_path):
     with pytest.raises(ClipbenchError, match="does not exist"):
-        report.load_records([tmp_path / "nope"])
+        results.load_records([tmp_path / "nope"])
     with pytest.raises(ClipbenchError, match="No result records"):
-        report.build_report(report.load_records([tmp_path]))
+        report.build_report(results.load_records([tmp_path]))
 
 
 def test_clip_benchmark_interop(frame):
@@ -166,17 +166,17 @@ def test_clip_benchmark_interop(frame):
     retrieval = cb.loc[("mscoco", "retrieval"), "metrics"]
     assert retrieval == {"text_to_image_R@5": 0.5521, "image_to_text_R@5": 0.7402}
     assert cb.loc[("mscoco", "retrieval"), "primary_metric"] == "text_to_image_R@5"
-    assert report.clip_benchmark_dataset("wds/vtab/cifar10") == "cifar10"
-    assert report.clip_benchmark_dataset("vtab/pets") == "oxford_pets"
+    assert interop.clip_benchmark_dataset("wds/vtab/cifar10") == "cifar10"
+    assert interop.clip_benchmark_dataset("vtab/pets") == "oxford_pets"
 
 
 def test_clip_benchmark_primary_metric_follows_dataset_metadata():
     raw = {"dataset": "cars", "model": "RN50", "pretrained": "openai", "task": "linear_probe",
            "metrics": {"acc1": 0.8, "mean_per_class_recall": 0.7}}
     meta = {"stanford_cars": DatasetInfo("stanford_cars", "StanfordCars", "mean_per_class_recall")}
-    converted = report.from_clip_benchmark(raw, meta)
+    converted = interop.from_clip_benchmark(raw, meta)
     assert converted["primary_metric"] == "mean_per_class_recall"
-    assert report.records_frame([converted])["value"].item() == 0.7
+    assert results.records_frame([converted])["value"].item() == 0.7
 
 
 # ----------------------------------------------------------------------------- tables
@@ -344,7 +344,7 @@ def test_two_names_for_one_paper_dataset_stay_apart(caplog):
                 "metrics": {"accuracy": value}, "primary_metric": "accuracy", "schema_version": 1}
                for name, value in (("kitti", 0.3), ("kitti_distance", 0.4))]
     with caplog.at_level(logging.WARNING, logger="clipbench.report"):
-        text = report.build_report(report.records_frame(records), datasets={})
+        text = report.build_report(results.records_frame(records), datasets={})
     header, body = markdown_section(text, "Zero-shot")
     assert header[2:4] == ["KITTI", "kitti_distance"]
     ours = row_of(body, header, "RN50 (openai)", "ours")

@@ -11,7 +11,7 @@ from clipbench.paths import templates_dir
 from clipbench.specs import all_groups, list_specs, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLE9 = ROOT / "results" / "reference" / "datasets.csv"
+TABLE9 = ROOT / "reference" / "datasets.csv"
 # Table 9 misprints these class counts; the specs carry the datasets' real counts.
 TABLE9_MISPRINTS = {"food101": (102, 101), "fer2013": (8, 7)}
 
