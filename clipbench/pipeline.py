@@ -123,9 +123,14 @@ class Evaluator:
         return self._current[key]
 
     # -- orchestration -----------------------------------------------------------------------
-    def tasks_for(self, spec: DatasetSpec) -> list[Task]:
-        """The requested tasks that apply to ``spec``, in request order."""
+    def _eligible(self, spec: DatasetSpec) -> list[Task]:
         return [task for task in map(get_task, self.config.tasks) if task.spec_task in spec.tasks]
+
+    def tasks_for(self, spec: DatasetSpec) -> list[Task]:
+        """The requested tasks that apply to ``spec`` and the model, in request order (an
+        image-only model has no text encoder for zero-shot or retrieval)."""
+        supports_text = getattr(self.model, "supports_text", True)
+        return [task for task in self._eligible(spec) if supports_text or not task.needs(spec).text]
 
     def run(self, specs: list[DatasetSpec]) -> list[results.Record]:
         """Every applicable task on every spec; the first failure raises."""
@@ -138,7 +143,11 @@ class Evaluator:
     def start_dataset(self, spec: DatasetSpec) -> None:
         """Forget the previous dataset's features (one dataset at a time bounds the memory held)."""
         self._current = {}
-        if not self.tasks_for(spec):
+        applicable = self.tasks_for(spec)
+        for task in [t for t in self._eligible(spec) if t not in applicable]:
+            log.warning("%s/%s: skipped, the task needs text features and %s is an image-only model",
+                        spec.name, task.name, self.model.name)
+        if not self._eligible(spec):
             log.warning("%s: none of the tasks %s apply (it supports %s); skipped",
                         spec.name, self.config.tasks, list(spec.tasks))
 
