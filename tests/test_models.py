@@ -363,7 +363,7 @@ def test_missing_weights_offline_fail_fast_with_instructions(tmp_path, monkeypat
         monkeypatch.delenv(var, raising=False)
     # With no variable set the TCP probe decides. A reserved never-resolving name makes this
     # machine-independent (on this project's machines huggingface.co is unreachable too).
-    monkeypatch.setattr(models, "PROBE_HOST", "clipbench-probe.invalid")
+    monkeypatch.setattr(models.weights, "PROBE_HOST", "clipbench-probe.invalid")
     if env in models.OFFLINE_ENV_VARS:
         monkeypatch.setenv(env, "1")
     start = time.perf_counter()
