@@ -54,12 +54,21 @@ def default_data_root() -> Path:
     return default_cache_dir() / "data"
 
 
+#: Environment variables any of which, set to a true value, declares the network unavailable.
+OFFLINE_ENV_VARS = ("CLIPBENCH_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def offline_settings() -> list[str]:
+    """``VAR=value`` for each offline variable that is set to a true value (for messages)."""
+    return [
+        f"{var}={os.environ[var]}" for var in OFFLINE_ENV_VARS
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+    ]
+
+
 def offline() -> bool:
     """True when the user (or CI) declared the network unavailable."""
-    return any(
-        os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
-        for var in ("CLIPBENCH_OFFLINE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
+    return bool(offline_settings())
 
 
 def network_reachable(host: str = "huggingface.co", port: int = 443, timeout: float = 2.0) -> bool:

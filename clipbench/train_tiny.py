@@ -16,7 +16,6 @@ The checkpoint is a plain fp16 ``state_dict`` that open_clip loads directly:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -32,6 +31,7 @@ import torch
 
 from clipbench import synthetic
 from clipbench.errors import ClipbenchError
+from clipbench.models.weights import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -174,15 +174,6 @@ def _train(cfg: TrainConfig, log_every: int) -> tuple[TinyClip, list[float]]:
     return clip, losses
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_checkpoint(model: torch.nn.Module, out: Path) -> str:
     """Write ``model``'s state_dict in fp16 to ``out`` atomically; record and return its sha256.
 
@@ -192,10 +183,12 @@ def save_checkpoint(model: torch.nn.Module, out: Path) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() else v.dtype).clone()
              for k, v in model.state_dict().items()}
+    # torch.save to a path, not atomic_open's file object: the path names the archive's root
+    # folder, so the bytes (and the published sha256) stay those of earlier releases.
     tmp = out.with_name(out.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, out)
-    digest = sha256_file(out)
+    digest = file_sha256(out)
     sums = out.parent / "SHA256SUMS"
     lines = [] if not sums.exists() else [
         line for line in sums.read_text(encoding="utf-8").splitlines() if not line.endswith(f"  {out.name}")

@@ -363,7 +363,7 @@ def test_missing_weights_offline_fail_fast_with_instructions(tmp_path, monkeypat
         monkeypatch.delenv(var, raising=False)
     # With no variable set the TCP probe decides. A reserved never-resolving name makes this
     # machine-independent (on this project's machines huggingface.co is unreachable too).
-    monkeypatch.setattr(models, "PROBE_HOST", "clipbench-probe.invalid")
+    monkeypatch.setattr(models.weights, "PROBE_HOST", "clipbench-probe.invalid")
     if env in models.OFFLINE_ENV_VARS:
         monkeypatch.setenv(env, "1")
     start = time.perf_counter()
@@ -385,3 +385,83 @@ def test_hf_hub_id_offline_error(tmp_path, monkeypatch):
                           hub_cache_dir=tmp_path / "hub")
     assert "https://huggingface.co/someone/some-clip" in str(info.value)
     assert str(tmp_path / "hub") in str(info.value)
+
+
+# ------------------------------------------------------------------------------- backends
+
+
+def test_the_open_clip_model_fulfils_the_contract(loaded):
+    from clipbench.features import model_identity
+
+    assert isinstance(loaded, models.ImageTextModel)
+    assert loaded.supports_text is True
+    # identity() feeds feature-cache keys: the same keys and values as before backends existed.
+    assert loaded.identity() == model_identity(loaded) == {
+        "model": ARCH, "pretrained": loaded.pretrained, "weights": loaded.weights_digest,
+        "precision": "fp32"}
+    described = loaded.describe()
+    assert (described["backend"], described["precision"], described["weights_dtype"],
+            described["autocast_dtype"]) == ("open_clip", "fp32", "float32", None)
+    assert described["quick_gelu"] is False and described["logit_bias"] is None
+    assert described["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)
+    assert json.loads(json.dumps(described)) == described
+
+
+@pytest.mark.parametrize("precision, weights_dtype, autocast_dtype", [
+    ("amp", "float32", "bfloat16"), ("fp16", "float16", None), ("bf16", "bfloat16", None),
+])
+def test_describe_states_the_precision_that_ran(loaded, precision, weights_dtype, autocast_dtype):
+    described = dataclasses.replace(loaded, precision=precision).describe()
+    assert (described["precision"], described["weights_dtype"], described["autocast_dtype"]) == (
+        precision, weights_dtype, autocast_dtype)
+
+
+def test_pre_projection_leaves_the_projection_in_place(loaded, pixels):
+    visual = loaded.model.visual
+    proj = visual.proj
+    keys = list(loaded.model.state_dict())
+    loaded.encode_images(pixels)
+    assert visual.proj is proj and list(loaded.model.state_dict()) == keys
+    broken = torch.full((1, 3, 7, 7), float("nan"))  # wrong size: the forward raises
+    with pytest.raises(RuntimeError):
+        loaded.encode_images(broken)
+    assert visual.proj is proj
+
+
+def test_backend_prefix_selects_the_loader(tmp_path, monkeypatch):
+    calls = []
+
+    def toy(name, pretrained, **kwargs):
+        calls.append((name, pretrained, kwargs))
+        return name
+
+    monkeypatch.setattr(models, "_BACKENDS", dict(models._BACKENDS))
+    models.register_backend("toy", toy)
+    assert models.load_model("toy:some/model", "w", device="cpu", precision="bf16",
+                             cache_dir=tmp_path, allow_download=False, seed=7) == "some/model"
+    assert calls == [("some/model", "w", {"device": "cpu", "precision": "bf16", "cache_dir": tmp_path,
+                                          "allow_download": False, "seed": 7})]
+    with pytest.raises(ValueError, match="already registered"):
+        models.register_backend("toy", toy)
+    assert models.backend_names()[0] == "open_clip" and "toy" in models.backend_names()
+    # An explicit open_clip: prefix is the same as none; hf-hub: ids keep their prefix.
+    assert models.select_backend("open_clip:ViT-B-32") == (models._BACKENDS["open_clip"], "ViT-B-32")
+    assert models.select_backend("ViT-B-32") == (models._BACKENDS["open_clip"], "ViT-B-32")
+    assert models.select_backend("hf-hub:org/repo")[1] == "hf-hub:org/repo"
+
+
+def test_unknown_backend_prefix_names_the_close_ones():
+    with pytest.raises(ClipbenchError) as info:
+        models.load_model("tom:resnet50", device="cpu")
+    message = str(info.value)
+    assert "Unknown model backend 'tom'" in message and "open_clip:" in message
+    with pytest.raises(ClipbenchError, match="Did you mean open_clip:"):
+        models.load_model("openclip:ViT-B-32", device="cpu")
+
+
+def test_open_clip_prefix_loads_the_same_model(tmp_path):
+    plain = _load("clipbench-tiny", "none", tmp_path, seed=2)
+    prefixed = _load("open_clip:clipbench-tiny", "none", tmp_path, seed=2)
+    assert prefixed.identity() == plain.identity()
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(prefixed.encode_images(pixels)[0], plain.encode_images(pixels)[0])
