@@ -85,21 +85,11 @@ class FeatureCache:
             json.dump(meta, f, indent=1, sort_keys=True, default=str)
 
 
-def model_identity(model: Any) -> dict[str, Any]:
-    """The parts of a loaded model that change its features."""
-    return {
-        "model": model.name,
-        "pretrained": model.pretrained,
-        "weights": model.weights_digest,
-        "precision": model.precision,
-    }
-
-
 def image_cache_key(model: Any, spec: Any, role: str, samples: Any) -> dict[str, Any]:
     """Everything that changes a split's image features."""
     return {
         "format": FEATURE_FORMAT_VERSION,
-        **model_identity(model),
+        **model.identity(),
         "preprocess": repr(model.preprocess),
         "dataset": spec.name,
         "spec": spec.data_digest(),
@@ -207,7 +197,7 @@ def text_features(
     texts = list(texts)
     parts = {
         "format": FEATURE_FORMAT_VERSION,
-        **model_identity(model),
+        **model.identity(),
         "texts": hashlib.sha256("\x1e".join(texts).encode()).hexdigest(),
         "n": len(texts),
     }

@@ -25,8 +25,8 @@ from . import results
 from .config import RunConfig
 from .data import Samples, load_split, source_prompts
 from .errors import ClipbenchError
-from .features import FeatureCache, ImageFeatures, image_features, model_identity, text_features
-from .specs import DatasetSpec
+from .features import FeatureCache, ImageFeatures, image_features, text_features
+from .specs import DatasetSpec, read_lines
 from .tasks import Task, get_task
 from .tasks.base import Captions, ClassPrompts, FeatureSplit, TaskInputs
 from .tasks.zeroshot import build_prompts, has_placeholder
@@ -34,13 +34,6 @@ from .tasks.zeroshot import build_prompts, has_placeholder
 log = logging.getLogger(__name__)
 
 __all__ = ["run", "RunResult", "Evaluator", "RunConfig", "prompts_for"]
-
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except FileNotFoundError:
-        raise ClipbenchError(f"File {path} does not exist.") from None
 
 
 def prompts_for(spec: DatasetSpec, config: RunConfig, data_root: Path) -> tuple[list[str], list[str], str]:
@@ -54,9 +47,9 @@ def prompts_for(spec: DatasetSpec, config: RunConfig, data_root: Path) -> tuple[
         if not templates and data_templates:
             templates, origin = list(data_templates), data_origin
     if config.classnames_file:
-        classnames = _read_lines(config.classnames_file)
+        classnames = read_lines(config.classnames_file)
     if config.templates_file:
-        templates, origin = _read_lines(config.templates_file), f"user file {config.templates_file}"
+        templates, origin = read_lines(config.templates_file), f"user file {config.templates_file}"
         bad = [t for t in templates if not has_placeholder(t)]
         if bad:
             raise ClipbenchError(
@@ -156,7 +149,7 @@ class Evaluator:
         settings: dict[str, Any] = dict(task.settings(self.config))
         settings["precision"] = self.model.precision  # what the model ran at, not what was asked
         settings["weights_digest"] = self.model.weights_digest
-        settings["model_identity_digest"] = _digest(model_identity(self.model))
+        settings["model_identity_digest"] = _digest(self.model.identity())
         settings["dataset_spec"] = {"file": str(spec.file), "data_digest": spec.data_digest(),
                                     "eval_digest": spec.eval_digest()}
         settings["metric_version"] = results.METRIC_VERSION
@@ -233,7 +226,8 @@ class Evaluator:
             split="test", metrics=output.metrics, primary_metric=output.primary_metric or spec.primary_metric,
             n_samples=output.n_samples,
             confidence_intervals={k: list(v) for k, v in output.confidence_intervals.items()},
-            details=output.details, config={**output.config, **settings}, versions=self.versions,
+            details=output.details, config={**output.config, **settings, "model": self.model.describe()},
+            versions=self.versions,
             seconds=seconds,
         )
         return record, output.per_class

@@ -23,22 +23,24 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BASELINE = "ResNet-50"  # Table 10's ImageNet-supervised ResNet-50 row, the baseline of Figure 5
 
-# open_clip model name (pretrained tag `openai`) -> the model id of Table 11 (zero_shot.csv);
-# Table 10 (linear_probe.csv) prefixes the same ids with "CLIP-".
-PAPER_MODELS = {
+#: OpenAI's model names (the ``clip`` package, and the paper's tables) -> open_clip architecture;
+#: their pretrained tag is ``openai``.
+OPENAI_ALIASES: dict[str, str] = {
     "RN50": "RN50",
     "RN101": "RN101",
     "RN50x4": "RN50x4",
     "RN50x16": "RN50x16",
     "RN50x64": "RN50x64",
-    "ViT-B-32": "ViT-B/32",
-    "ViT-B-16": "ViT-B/16",
-    "ViT-L-14": "ViT-L/14",
-    "ViT-L-14-336": "ViT-L/14@336px",
+    "ViT-B/32": "ViT-B-32",
+    "ViT-B/16": "ViT-B-16",
+    "ViT-L/14": "ViT-L-14",
+    "ViT-L/14@336px": "ViT-L-14-336",
 }
+# open_clip model name (pretrained tag `openai`) -> the model id of Table 11 (zero_shot.csv);
+# Table 10 (linear_probe.csv) prefixes the same ids with "CLIP-".
+PAPER_MODELS = {arch: paper_id for paper_id, arch in OPENAI_ALIASES.items()}
 # Table 13 has one CLIP row; "CLIP" there means ViT-L/14@336px.
 PAPER_RETRIEVAL_ROWS = {"ViT-L/14@336px": "CLIP (ViT-L/14@336px)"}
-# clipbench's retrieval metric names: direction and k.
 
 
 def load_reference(table: str) -> pd.DataFrame:

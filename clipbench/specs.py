@@ -126,9 +126,21 @@ class _Errors:
             )
 
 
-def _read_lines(path: Path) -> list[str]:
-    lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
-    return [line for line in lines if line.strip()]
+def read_lines(path: Path) -> list[str]:
+    """The non-blank lines of a UTF-8 text file (class names, templates, index lists).
+
+    Raises:
+        ClipbenchError: the file is missing, a directory, or not UTF-8 text.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ClipbenchError(f"File {path} does not exist.") from None
+    except IsADirectoryError:
+        raise ClipbenchError(f"{path} is a directory; expected a text file with one entry per line.") from None
+    except UnicodeDecodeError as exc:
+        raise ClipbenchError(f"File {path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def _resolve_file(value: str, spec_file: Path) -> Path | None:
@@ -153,7 +165,7 @@ def _load_list(value: Any, field_name: str, spec_file: Path, errors: _Errors) ->
                 value,
             )
             return None
-        return _read_lines(path)
+        return read_lines(path)
     errors.add(field_name, "an inline list of strings or a file path", value)
     return None
 

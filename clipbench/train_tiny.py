@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import open_clip
 import torch
 
@@ -198,70 +197,19 @@ def save_checkpoint(model: torch.nn.Module, out: Path) -> str:
     return digest
 
 
-@torch.no_grad()
-def _encode_images(clip: TinyClip, images: Sequence, device: str, batch_size: int = 256) -> np.ndarray:
-    """(N, D) float32 L2-normalised image embeddings."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        pixels = torch.stack([clip.preprocess(im) for im in images[i:i + batch_size]]).to(device)
-        out.append(clip.model.encode_image(pixels).float().cpu().numpy())
-    feats = np.concatenate(out)
-    return feats / np.linalg.norm(feats, axis=1, keepdims=True)
+def evaluate(checkpoint: Path, device: str = "cpu", cache_dir: Path | None = None) -> dict[str, float]:
+    """The headline numbers of a saved checkpoint, through the evaluation pipeline (the synthetic
+    test splits: zero-shot accuracy and text->image R@5)."""
+    from clipbench.config import RunConfig
+    from clipbench.pipeline import run
 
-
-@torch.no_grad()
-def _encode_texts(clip: TinyClip, texts: Sequence[str], device: str, batch_size: int = 512) -> np.ndarray:
-    """(T, D) float32 L2-normalised text embeddings."""
-    out = []
-    for i in range(0, len(texts), batch_size):
-        tokens = clip.tokenizer(list(texts[i:i + batch_size])).to(device)
-        out.append(clip.model.encode_text(tokens).float().cpu().numpy())
-    feats = np.concatenate(out)
-    return feats / np.linalg.norm(feats, axis=1, keepdims=True)
-
-
-def zero_shot_accuracy(
-    clip: TinyClip, name: str, n_per_class: int = synthetic.CLASS_SPLIT_SIZES["test"],
-    split: str = "test", device: str = "cpu",
-) -> float:
-    """Top-1 zero-shot accuracy (fraction) on the first ``n_per_class`` images per class of a split.
-
-    Prompt ensemble as in the CLIP paper: each filled template embedding is L2-normalised, averaged
-    per class and normalised again; the predicted class maximises the cosine similarity.
-    """
-    examples = list(synthetic.class_examples(name, split, n_per_class))
-    classnames = synthetic.CLASSNAMES[name]
-    targets = np.array([classnames.index(c) for _, c, _ in examples])
-    images = _encode_images(clip, [e.image for _, _, e in examples], device)
-    templates = synthetic.CLASS_TEMPLATES[name]
-    prompts = _encode_texts(clip, [t.format(c=c) for c in classnames for t in templates], device)
-    weights = prompts.reshape(len(classnames), len(templates), -1).mean(axis=1)
-    weights /= np.linalg.norm(weights, axis=1, keepdims=True)
-    return float(np.mean(np.argmax(images @ weights.T, axis=1) == targets))
-
-
-def text_to_image_recall(
-    clip: TinyClip, n_images: int = synthetic.RETRIEVAL_IMAGES, k: int = 5, device: str = "cpu"
-) -> float:
-    """Text→image recall@k (fraction of captions whose image is among the k most similar images)."""
-    examples = [e for _, e in synthetic.retrieval_examples(n_images)]
-    images = _encode_images(clip, [e.image for e in examples], device)
-    captions = [c for e in examples for c in e.captions]
-    owner = np.repeat(np.arange(len(examples)), [len(e.captions) for e in examples])
-    sims = _encode_texts(clip, captions, device) @ images.T
-    # Rank of the true image = number of images scored strictly higher, plus one.
-    true = sims[np.arange(len(captions)), owner]
-    rank = (sims > true[:, None]).sum(axis=1) + 1
-    return float(np.mean(rank <= k))
-
-
-def evaluate(clip: TinyClip, device: str = "cpu") -> dict[str, float]:
-    """The headline numbers on the full synthetic test splits."""
-    return {
-        "synthetic-shapes/accuracy": zero_shot_accuracy(clip, "synthetic-shapes", device=device),
-        "synthetic-colors/accuracy": zero_shot_accuracy(clip, "synthetic-colors", device=device),
-        "synthetic-captions/text_to_image_R@5": text_to_image_recall(clip, device=device),
-    }
+    config = RunConfig(model=MODEL_NAME, pretrained=str(checkpoint), tasks=["zeroshot", "retrieval"],
+                       datasets=["default"], device=device, precision="fp32", n_bootstrap=0,
+                       cache_dir=cache_dir, output=Path(cache_dir or ".") / "train-tiny-eval")
+    outcome = run(config)
+    if outcome.failures:
+        raise ClipbenchError(f"evaluating {checkpoint} failed: {outcome.failures}")
+    return {f"{r.dataset}/{r.primary_metric}": r.primary_value for r in outcome.records}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -298,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     summary = {"config": asdict(cfg), "train_seconds": round(seconds, 1), "final_loss": losses[-1],
                "sha256": digest, "bytes": args.out.stat().st_size}
     if args.eval:
-        summary["eval"] = evaluate(clip, device=args.device)
+        summary["eval"] = evaluate(args.out, device=args.device)
     logger.info("done: %s", json.dumps(summary))
 
 

@@ -34,14 +34,15 @@ def commands_in_guide() -> list[list[str]]:
 @pytest.fixture
 def plugin_dir(tmp_path, monkeypatch):
     """The guide's modules written to a directory on sys.path; registries restored afterwards."""
-    from clipbench import data, metrics, tasks
+    from clipbench import data, metrics, models, tasks
 
     folder = tmp_path / "plugins"
     folder.mkdir()
     for name, body in modules_in_guide().items():
         (folder / f"{name}.py").write_text(body)
     monkeypatch.syspath_prepend(str(folder))
-    saved = [(registry, dict(registry)) for registry in (tasks._REGISTRY, metrics._REGISTRY, data.formats._FORMATS)]
+    saved = [(registry, dict(registry)) for registry in (tasks._REGISTRY, metrics._REGISTRY, data.formats._FORMATS,
+                                                     models._BACKENDS)]
     yield folder
     for registry, entries in saved:
         registry.clear()
@@ -144,9 +145,43 @@ def test_guide_format_loads_through_the_cli_like_the_same_images_in_an_image_fol
     spec_text = spec_text.replace("  type: npz\n  path: my_arrays\n  labels_key: y\n",
                                   "  type: imagefolder\n  path: as_folder\n")
     (tmp_path / "as_folder.yaml").write_text(spec_text)
-    assert run_guide_command(["clipbench", "run", "--datasets", "as_folder.yaml", "--data-root", "my-data"],
+    assert run_guide_command(["clipbench", "run", "--datasets", "as_folder.yaml", "--tasks", "zeroshot,linear_probe",
+                              "--data-root", "my-data"],
                              tmp_path, monkeypatch) == 0
     folder = tmp_path / "out" / "clipbench-tiny__synthetic" / "as_folder"
     assert json.loads((folder / "zeroshot.json").read_text())["metrics"] == zeroshot["metrics"]
     assert json.loads((folder / "linear_probe.json").read_text())["metrics"] == probe["metrics"]
     assert zeroshot["metrics"]["accuracy"] > 0.6  # the embedded model knows these shapes
+
+
+def test_guide_backend_probes_its_own_features_and_skips_the_text_tasks(plugin_dir, tmp_path, monkeypatch, caplog):
+    from PIL import Image
+
+    from clipbench import specs
+    from clipbench.data import load_split
+    from clipbench.config import RunConfig
+    from clipbench.tasks.linear_probe import linear_probe
+
+    (command,) = [c for c in commands_in_guide() if "pixels_backend" in " ".join(c)]
+    assert run_guide_command(command, tmp_path, monkeypatch) == 0
+    folder = tmp_path / "out" / "pixels-8__none" / "synthetic-shapes"
+    assert not (folder / "zeroshot.json").exists()
+    assert any("zeroshot: skipped" in r.getMessage() and "image-only" in r.getMessage() for r in caplog.records)
+    record = json.loads((folder / "linear_probe.json").read_text())
+    assert record["config"]["precision"] == "fp32" and record["details"]["feature_kind"] == "embedding"
+
+    # independent features: PIL's bicubic resize to 8x8, pixels / 255, in the spec's splits
+    spec = specs.load_spec("synthetic-shapes")
+    data_root = tmp_path / "cache" / "data"
+
+    def pixels(role):
+        samples = load_split(spec, role, data_root, tmp_path / "cache")
+        rows = [np.asarray(samples.load_image(i).resize((8, 8), Image.BICUBIC), dtype=np.float32)
+                .transpose(2, 0, 1).ravel() / 255.0 for i in range(len(samples))]
+        return np.stack(rows), samples.targets
+
+    (tx, ty), (vx, vy), (sx, sy) = pixels("train"), pixels("val"), pixels("test")
+    direct = linear_probe(tx, ty, vx, vy, sx, sy, "accuracy", num_classes=spec.num_classes,
+                          n_jobs=RunConfig.default("probe_jobs"))
+    assert record["metrics"] == direct.metrics and record["details"]["C"] == direct.C
+    assert record["config"]["model"] == {"backend": "pixels", "size": 8, "precision": "fp32"}

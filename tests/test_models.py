@@ -391,12 +391,10 @@ def test_hf_hub_id_offline_error(tmp_path, monkeypatch):
 
 
 def test_the_open_clip_model_fulfils_the_contract(loaded):
-    from clipbench.features import model_identity
-
     assert isinstance(loaded, models.ImageTextModel)
     assert loaded.supports_text is True
     # identity() feeds feature-cache keys: the same keys and values as before backends existed.
-    assert loaded.identity() == model_identity(loaded) == {
+    assert loaded.identity() == {
         "model": ARCH, "pretrained": loaded.pretrained, "weights": loaded.weights_digest,
         "precision": "fp32"}
     described = loaded.describe()

@@ -39,23 +39,12 @@ import open_clip
 from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 
 from clipbench.errors import ClipbenchError
+from clipbench.reference import OPENAI_ALIASES
 from clipbench.models.weights import file_sha256, is_openai_format
 from clipbench.paths import package_dir
 
 MODEL_CONFIG_DIR = package_dir() / "model_configs"
 
-#: OpenAI's model names (the ``clip`` package) -> open_clip architecture; their tag is ``openai``.
-OPENAI_ALIASES: dict[str, str] = {
-    "RN50": "RN50",
-    "RN101": "RN101",
-    "RN50x4": "RN50x4",
-    "RN50x16": "RN50x16",
-    "RN50x64": "RN50x64",
-    "ViT-B/32": "ViT-B-32",
-    "ViT-B/16": "ViT-B-16",
-    "ViT-L/14": "ViT-L-14",
-    "ViT-L/14@336px": "ViT-L-14-336",
-}
 
 #: clipbench's own pretrained weights: architecture -> tag -> entry. ``file`` is relative to the
 #: package directory; ``quick_gelu`` the activation the weights were trained with; optional
