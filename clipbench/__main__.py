@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from clipbench.cli import main
 
 sys.exit(main())

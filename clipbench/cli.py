@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import ClipbenchError
+from clipbench import __version__
+from clipbench.errors import ClipbenchError
 
 log = logging.getLogger("clipbench")
 
@@ -33,8 +33,8 @@ def _add_common_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .config import DEVICES, PRECISIONS, PROBE_FEATURES, PROBE_SOLVERS, RunConfig
-    from .tasks import task_names
+    from clipbench.config import DEVICES, PRECISIONS, PROBE_FEATURES, PROBE_SOLVERS, RunConfig
+    from clipbench.tasks import task_names
 
     default = RunConfig.default
     parser = argparse.ArgumentParser(
@@ -92,7 +92,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list model names, aliases and pretrained tags")
 
-    from . import report
+    from clipbench import report
 
     report.register_cli(sub)
 
@@ -103,14 +103,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _data_root(args: argparse.Namespace) -> Path:
-    from .config import RunConfig
+    from clipbench.config import RunConfig
 
     return RunConfig(data_root=args.data_root, cache_dir=args.cache_dir).resolved().data_root
 
 
 def config_from_args(args: argparse.Namespace) -> "RunConfig":  # noqa: F821 (imported lazily)
     """The :class:`~clipbench.config.RunConfig` of `clipbench run` flags (nothing resolved yet)."""
-    from .config import RunConfig
+    from clipbench.config import RunConfig
 
     tasks = list(args.tasks) if args.tasks is not None else None
     if args.few_shot:
@@ -128,12 +128,12 @@ def config_from_args(args: argparse.Namespace) -> "RunConfig":  # noqa: F821 (im
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run
+    from clipbench.pipeline import run
 
     config = config_from_args(args)
     outcome = run(config)
     if outcome.records:
-        from .report import summary_table
+        from clipbench.report import summary_table
 
         print(summary_table([r.to_dict() for r in outcome.records]))
         print(f"\nRecords: {Path(config.output).resolve()}")
@@ -148,8 +148,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_datasets(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from .data import data_status
-    from .specs import list_specs
+    from clipbench.data import data_status
+    from clipbench.specs import list_specs
 
     data_root = _data_root(args)
     rows = []
@@ -179,7 +179,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from .models import model_table
+    from clipbench.models import model_table
 
     rows = [(r.name, ", ".join(r.aliases), ", ".join(r.tags) or "(random init or --pretrained PATH)")
             for r in model_table()]
@@ -191,10 +191,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train-tiny"]:
-        from .train_tiny import main as train_main
+        from clipbench.train_tiny import main as train_main
 
         return int(train_main(argv[1:]) or 0)
-    from .plugins import load_plugins
+    from clipbench.plugins import load_plugins
 
     try:
         load_plugins()  # before the parser: plugin tasks are valid --tasks values

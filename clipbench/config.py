@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ClipbenchError
-from .paths import default_cache_dir, default_data_root
+from clipbench.errors import ClipbenchError
+from clipbench.paths import default_cache_dir, default_data_root
 
 #: The embedded offline default: a tiny CLIP trained on clipbench's synthetic world.
 EMBEDDED_MODEL = "clipbench-tiny"
@@ -84,7 +84,7 @@ class RunConfig:
             data_root = default_data_root()
         else:  # an explicit --cache-dir keeps generated data beside the features
             data_root = cache / "data"
-        from .tasks import task_names
+        from clipbench.tasks import task_names
 
         return dataclasses.replace(
             self,
@@ -104,7 +104,7 @@ class RunConfig:
         Raises:
             ClipbenchError: naming the flag, the bad value and what is accepted.
         """
-        from .tasks import close_task_names, task_names
+        from clipbench.tasks import close_task_names, task_names
 
         problems = []
         if self.tasks is not None:

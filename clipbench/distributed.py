@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import ClipbenchError
+from clipbench.errors import ClipbenchError
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class DistContext:
             (projected (N, D) float32, pre_projection (N, P) float32), as
             :func:`clipbench.features.encode_image_batches`.
         """
-        from .features import encode_image_batches
+        from clipbench.features import encode_image_batches
 
         if not self.distributed:
             return encode_image_batches(model, samples, batch_size=batch_size, workers=workers, desc=desc)
@@ -305,7 +305,7 @@ class DistContext:
     def _encode_shard(self, model: Any, samples: Any, request: dict, error: str | None = None
                       ) -> tuple[np.ndarray, np.ndarray] | None:
         """Encode this rank's shard and gather every shard to rank 0 (None elsewhere)."""
-        from .features import encode_image_batches
+        from clipbench.features import encode_image_batches
 
         spec, role = request["spec"], request["role"]
         shard = shard_range(request["n"], request["batch_size"], self.rank, self.world_size)

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .atomic import atomic_open
+from clipbench.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from typing import Literal
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Bootstrap resamples are processed in chunks of about this many (resample, sample) cells, which
 # bounds the temporary arrays to a few tens of MB whatever N is.
@@ -762,7 +762,7 @@ def bootstrap_ci(
             "evaluate on more samples or disable confidence intervals (n_bootstrap=0)."
         )
     if defined.size < statistics.size:
-        logger.warning(
+        log.warning(
             "%s undefined on %d of %d bootstrap resamples; they are skipped",
             metric, statistics.size - defined.size, statistics.size,
         )

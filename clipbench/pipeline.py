@@ -21,15 +21,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import results
-from .config import RunConfig
-from .data import Samples, load_split, source_prompts
-from .errors import ClipbenchError
-from .features import FeatureCache, ImageFeatures, image_features, text_features
-from .specs import DatasetSpec, read_lines
-from .tasks import Task, get_task
-from .tasks.base import Captions, ClassPrompts, FeatureSplit, TaskInputs
-from .tasks.zeroshot import build_prompts, has_placeholder
+from clipbench import results
+from clipbench.config import RunConfig
+from clipbench.data import Samples, load_split, source_prompts
+from clipbench.errors import ClipbenchError
+from clipbench.features import FeatureCache, ImageFeatures, image_features, text_features
+from clipbench.specs import DatasetSpec, read_lines
+from clipbench.tasks import Task, get_task
+from clipbench.tasks.base import Captions, ClassPrompts, FeatureSplit, TaskInputs
+from clipbench.tasks.zeroshot import build_prompts, has_placeholder
 
 log = logging.getLogger(__name__)
 
@@ -252,9 +252,9 @@ def run(config: RunConfig) -> RunResult:
         ClipbenchError: invalid settings, no dataset selected, the model cannot be loaded, or an
             output directory that cannot be written.
     """
-    from . import specs
-    from .distributed import DistContext, DistributedError
-    from .models import load_model
+    from clipbench import specs
+    from clipbench.distributed import DistContext, DistributedError
+    from clipbench.models import load_model
 
     config.validate()
     config = config.resolved()

@@ -15,7 +15,7 @@ import logging
 import os
 from importlib.metadata import entry_points
 
-from .errors import ClipbenchError
+from clipbench.errors import ClipbenchError
 
 log = logging.getLogger(__name__)
 

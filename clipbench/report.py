@@ -17,17 +17,17 @@ import pandas as pd
 from tabulate import tabulate
 
 from clipbench.errors import ClipbenchError
+from clipbench.metrics import parse_recall_metric
 from clipbench.reference import (
     DEFAULT_BASELINE,
     DatasetInfo,
     DatasetLookup,
     PaperReference,
     dataset_info,
-    normalized_name,
     load_paper_reference,
+    normalized_name,
     paper_model,
 )
-from clipbench.metrics import parse_recall_metric
 from clipbench.render import FORMATS, ReportTable, check_format, format_cell, render_tables
 from clipbench.results import load_records, records_frame, safe_name
 

@@ -20,10 +20,10 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_open
-from .errors import ClipbenchError
-from .interop import from_clip_benchmark, is_clip_benchmark_result
-from .reference import DatasetLookup
+from clipbench.atomic import atomic_open
+from clipbench.errors import ClipbenchError
+from clipbench.interop import from_clip_benchmark, is_clip_benchmark_result
+from clipbench.reference import DatasetLookup
 
 log = logging.getLogger(__name__)
 

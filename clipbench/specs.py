@@ -17,11 +17,11 @@ from typing import Any, Iterable
 
 import yaml
 
-from .data.formats import COMMON_FIELDS, get_format, known_types, option_names, parse_options
-from .errors import ClipbenchError
-from .metrics import get_metric, is_retrieval_metric, metric_names
-from .paths import specs_dir, templates_dir
-from .tasks.zeroshot import has_placeholder
+from clipbench.data.formats import COMMON_FIELDS, get_format, known_types, option_names, parse_options
+from clipbench.errors import ClipbenchError
+from clipbench.metrics import get_metric, is_retrieval_metric, metric_names
+from clipbench.paths import specs_dir, templates_dir
+from clipbench.tasks.zeroshot import has_placeholder
 
 SPLIT_ROLES = ("train", "val", "test")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
@@ -200,30 +200,11 @@ def _validate_source(raw: Any, errors: _Errors) -> SourceSpec | None:
     return SourceSpec(type=fmt.type, path=path, options=options, download=bool(download), manual=manual)
 
 
-def parse_spec(raw: Any, file: Path) -> DatasetSpec:
-    """Validate a parsed YAML mapping and build a :class:`DatasetSpec`.
-
-    Raises:
-        ClipbenchError: listing every invalid field (file, field, expected value).
-    """
-    errors = _Errors(file)
-    if not isinstance(raw, dict):
-        errors.add("(top level)", "a YAML mapping of spec fields", type(raw).__name__)
-        errors.raise_if_any()
-    for key in sorted(set(raw) - _TOP_FIELDS):
-        errors.add(key, f"a known spec field{_close_hint(key, sorted(_TOP_FIELDS))}; "
-                   f"known fields: {sorted(_TOP_FIELDS)}", key)
-
-    name = raw.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        errors.add("name", "a lowercase identifier of [a-z0-9_-]", name)
-    title = raw.get("title", name)
-    if not isinstance(title, str):
-        errors.add("title", "a string", title)
+def _validate_tasks(raw: dict, errors: _Errors) -> tuple[list[str], Any, Any, Any]:
+    """(tasks, primary metric, num_classes, multilabel) and their consistency."""
+    from clipbench.tasks import spec_task_names  # the task registry says which spec tasks exist
 
     tasks = raw.get("tasks")
-    from .tasks import spec_task_names  # the task registry says which spec tasks exist
-
     if not isinstance(tasks, list) or not tasks or any(t not in spec_task_names() for t in tasks):
         errors.add("tasks", f"a non-empty list drawn from {spec_task_names()}", tasks)
         tasks = []
@@ -251,17 +232,11 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
             f"{str(multilabel).lower()} ({', '.join(metric_names('multilabel'))} for multi-label datasets)",
             metric,
         )
+    return tasks, metric, num_classes, multilabel
 
-    groups = raw.get("groups") or []
-    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
-        errors.add("groups", "a list of group names", groups)
-        groups = []
-    paper_name = raw.get("paper_name")
-    if paper_name is not None and not isinstance(paper_name, str):
-        errors.add("paper_name", "the dataset's column name in the paper's tables", paper_name)
 
-    source = _validate_source(raw.get("source"), errors)
-
+def _validate_splits(raw: dict, tasks: list[str], errors: _Errors) -> tuple[dict, Any, Any]:
+    """(splits, val_fraction, subsample)."""
     splits = raw.get("splits")
     if not isinstance(splits, dict) or "test" not in splits or splits.get("test") is None:
         errors.add("splits", "a mapping with at least a 'test' split (and 'train'/'val')", splits)
@@ -275,6 +250,19 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
     if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         errors.add("val_fraction", "a fraction strictly between 0 and 1", val_fraction)
 
+    subsample = raw.get("subsample")
+    if subsample is not None:
+        if not isinstance(subsample, dict) or not all(
+            k in (*SPLIT_ROLES, "seed") and isinstance(v, int) and (v >= 0 if k == "seed" else v > 0)
+            for k, v in subsample.items()
+        ):
+            errors.add("subsample", "a mapping {train|val|test: count, seed: int}", subsample)
+    return splits, val_fraction, subsample
+
+
+def _validate_classes(raw: dict, tasks: list[str], num_classes: Any, file: Path,
+                      errors: _Errors) -> tuple[list[str] | None, list[str] | None, tuple[int, ...] | None]:
+    """(classnames, templates, class subset), loaded from their files, checked against num_classes."""
     classnames = _load_list(raw.get("classnames"), "classnames", file, errors)
     templates = _load_list(raw.get("templates"), "templates", file, errors)
     # formats whose data ships classnames and templates (webdataset) let the spec defer to them
@@ -305,23 +293,45 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
                 errors.add("class_subset", f"indices below {len(classnames)} (the classnames)", max(subset_ints))
         elif len(classnames) != num_classes:
             errors.add("classnames", f"{num_classes} class names (num_classes)", len(classnames))
+    return classnames, templates, subset_ints
 
-    subsample = raw.get("subsample")
-    if subsample is not None:
-        if not isinstance(subsample, dict) or not all(
-            k in (*SPLIT_ROLES, "seed") and isinstance(v, int) and (v >= 0 if k == "seed" else v > 0)
-            for k, v in subsample.items()
-        ):
-            errors.add("subsample", "a mapping {train|val|test: count, seed: int}", subsample)
 
-    templates_origin = raw.get("templates_origin")
-    notes = raw.get("notes")
-    for key, value in (("templates_origin", templates_origin), ("notes", notes)):
+def parse_spec(raw: Any, file: Path) -> DatasetSpec:
+    """Validate a parsed YAML mapping and build a :class:`DatasetSpec`.
+
+    Raises:
+        ClipbenchError: listing every invalid field (file, field, expected value).
+    """
+    errors = _Errors(file)
+    if not isinstance(raw, dict):
+        errors.add("(top level)", "a YAML mapping of spec fields", type(raw).__name__)
+        errors.raise_if_any()
+    for key in sorted(set(raw) - _TOP_FIELDS):
+        errors.add(key, f"a known spec field{_close_hint(key, sorted(_TOP_FIELDS))}; "
+                   f"known fields: {sorted(_TOP_FIELDS)}", key)
+
+    name = raw.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        errors.add("name", "a lowercase identifier of [a-z0-9_-]", name)
+    if isinstance(name, str) and file.suffix in (".yaml", ".yml") and file.stem != name:
+        errors.add("name", f"to equal the file name stem '{file.stem}'", name)
+    title = raw.get("title", name)
+    groups = raw.get("groups") or []
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        errors.add("groups", "a list of group names", groups)
+        groups = []
+    paper_name = raw.get("paper_name")
+    if paper_name is not None and not isinstance(paper_name, str):
+        errors.add("paper_name", "the dataset's column name in the paper's tables", paper_name)
+    for key in ("title", "templates_origin", "notes"):
+        value = title if key == "title" else raw.get(key)
         if value is not None and not isinstance(value, str):
             errors.add(key, "a string", value)
 
-    if isinstance(name, str) and file.suffix in (".yaml", ".yml") and file.stem != name:
-        errors.add("name", f"to equal the file name stem '{file.stem}'", name)
+    tasks, metric, num_classes, multilabel = _validate_tasks(raw, errors)
+    source = _validate_source(raw.get("source"), errors)
+    splits, val_fraction, subsample = _validate_splits(raw, tasks, errors)
+    classnames, templates, class_subset = _validate_classes(raw, tasks, num_classes, file, errors)
     errors.raise_if_any()
     assert source is not None
     return DatasetSpec(
@@ -339,10 +349,10 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
         val_fraction=float(val_fraction),
         classnames=tuple(classnames) if classnames is not None else None,
         templates=tuple(templates) if templates is not None else None,
-        templates_origin=templates_origin,
-        class_subset=subset_ints,
+        templates_origin=raw.get("templates_origin"),
+        class_subset=class_subset,
         subsample=dict(subsample) if subsample else None,
-        notes=notes,
+        notes=raw.get("notes"),
         raw=dict(raw),
     )
 

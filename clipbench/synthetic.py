@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 
 from clipbench.errors import ClipbenchError
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Bumped whenever rendering or captions change, so stale materialised copies are rebuilt.
 GENERATOR_VERSION = 1
@@ -353,7 +353,7 @@ def materialize(name: str, root: Path) -> Path:
         return root
     if root.exists():
         if (root / _MARKER).exists():
-            logger.info("Rebuilding %s: it was written by another generator version.", root)
+            log.info("Rebuilding %s: it was written by another generator version.", root)
             shutil.rmtree(root)
         elif root.is_dir() and not any(root.iterdir()):
             root.rmdir()
@@ -372,7 +372,7 @@ def materialize(name: str, root: Path) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root.parent))
     try:
-        logger.info("Generating synthetic data set %s into %s", name, root)
+        log.info("Generating synthetic data set %s into %s", name, root)
         counts = _write_retrieval(tmp) if name == "synthetic-captions" else _write_classification(name, tmp)
         marker = {"name": name, "generator_version": GENERATOR_VERSION, "seed": WORLD_SEED, "counts": counts}
         (tmp / _MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")

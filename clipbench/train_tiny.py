@@ -32,7 +32,7 @@ from clipbench import synthetic
 from clipbench.errors import ClipbenchError
 from clipbench.models.weights import file_sha256
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 MODEL_NAME = "clipbench-tiny"
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -164,7 +164,7 @@ def _train(cfg: TrainConfig, log_every: int) -> tuple[TinyClip, list[float]]:
         if not math.isfinite(losses[-1]):
             raise ClipbenchError(f"Training diverged at step {step} (loss {losses[-1]}); lower --lr.")
         if log_every and (step % log_every == 0 or step == cfg.steps - 1):
-            logger.info(
+            log.info(
                 "step %d/%d loss %.4f logit_scale %.2f lr %.2e (%.0f s)",
                 step + 1, cfg.steps, losses[-1], logit_scale.item(), _lr_at(step, cfg),
                 time.perf_counter() - start,
@@ -247,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                "sha256": digest, "bytes": args.out.stat().st_size}
     if args.eval:
         summary["eval"] = evaluate(args.out, device=args.device)
-    logger.info("done: %s", json.dumps(summary))
+    log.info("done: %s", json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -144,3 +144,37 @@ def reference_ap_11point(scores, targets):
         eligible = [precision for recall, precision in points if recall >= Fraction(i, 10)]
         total += max(eligible) if eligible else 0
     return float(total / 11)
+
+
+COLOURS_SPEC = """
+name: colours
+title: Colours
+tasks: [zeroshot, linear_probe]
+primary_metric: accuracy
+num_classes: 3
+source:
+  type: imagefolder
+  path: {root}
+splits:
+  train: train
+  test: test
+classnames: [red, green, blue]
+templates: ["a photo of a {{c}}.", "a {{c}} picture."]
+"""
+
+
+@pytest.fixture(scope="module")
+def model():
+    """ViT-S-32-alt with seeded random weights, fp32 on CPU (small and fast)."""
+    from clipbench.models import load_model
+
+    torch.manual_seed(0)
+    return load_model("ViT-S-32-alt", "none", device="cpu", precision="fp32")
+
+
+@pytest.fixture
+def spec_file(imagefolder_root, tmp_path) -> Path:
+    """The colours spec (3 classes, 2 templates) over the ``imagefolder_root`` images."""
+    path = tmp_path / "colours.yaml"
+    path.write_text(COLOURS_SPEC.format(root=imagefolder_root))
+    return path

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_image, write_wds
 from PIL import Image
 
 from clipbench.data import data_status, load_split
 from clipbench.errors import ClipbenchError
 from clipbench.specs import parse_spec
-
-from conftest import make_image, write_wds
 
 
 def spec_for(source: dict, splits: dict, *, name="fx", tasks=("zeroshot",), retrieval=False, **extra):
@@ -229,7 +228,6 @@ def test_retrieval_captions_from_webdataset_and_huggingface(tmp_path):
     import tarfile
 
     import datasets
-
     from conftest import _add_bytes
 
     captions = [["a red one", "red"], ["green thing"], ["blue", "a blue image", "bluish"]]

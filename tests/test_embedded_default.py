@@ -14,9 +14,9 @@ import pytest
 
 from clipbench import specs
 from clipbench.cli import _build_parser, main
-from clipbench.results import load_records, record_path
 from clipbench.models import load_model
 from clipbench.pipeline import Evaluator, RunConfig
+from clipbench.results import load_records, record_path
 
 # the module's fixtures run the embedded default on its synthetic datasets
 pytestmark = pytest.mark.slow

@@ -158,8 +158,8 @@ def test_guide_backend_probes_its_own_features_and_skips_the_text_tasks(plugin_d
     from PIL import Image
 
     from clipbench import specs
-    from clipbench.data import load_split
     from clipbench.config import RunConfig
+    from clipbench.data import load_split
     from clipbench.tasks.linear_probe import linear_probe
 
     (command,) = [c for c in commands_in_guide() if "pixels_backend" in " ".join(c)]

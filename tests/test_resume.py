@@ -6,45 +6,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from clipbench import report, specs
 from clipbench.config import RunConfig
-from clipbench.models import load_model
 from clipbench.pipeline import Evaluator
-
-SPEC = """
-name: colours
-title: Colours
-tasks: [zeroshot, linear_probe]
-primary_metric: accuracy
-num_classes: 3
-source:
-  type: imagefolder
-  path: {root}
-splits:
-  train: train
-  test: test
-classnames: [red, green, blue]
-templates: ["a photo of a {{c}}.", "a {{c}} picture."]
-"""
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return load_model("ViT-S-32-alt", "none", device="cpu", precision="fp32")
 
 
 @pytest.fixture
-def spec(imagefolder_root, tmp_path):
-    path = tmp_path / "colours.yaml"
-    path.write_text(textwrap.dedent(SPEC.format(root=imagefolder_root)))
-    return specs.load_spec(str(path))
+def spec(spec_file):
+    return specs.load_spec(str(spec_file))
 
 
 def config(tmp_path: Path, **kw) -> RunConfig:
@@ -111,3 +84,15 @@ def test_record_states_the_precision_the_model_ran_at(model, spec, tmp_path):
     # the run asked for amp, but the model handed to the evaluator was loaded at fp32
     (record,) = Evaluator(model, dataclasses.replace(config(tmp_path), precision="amp")).run([spec])
     assert record.config["precision"] == "fp32" == model.precision
+
+
+def test_task_registry_lists_every_builtin_with_its_spec_task():
+    from clipbench import tasks
+
+    names = tasks.task_names()
+    assert names[:4] == ["zeroshot", "linear_probe", "few_shot", "retrieval"]
+    for name, (_, spec_task) in tasks._BUILTIN.items():
+        assert tasks.get_task(name).name == name and tasks.get_task(name).spec_task == spec_task
+    assert tasks.spec_task_names()[:3] == ["zeroshot", "linear_probe", "retrieval"]
+    with pytest.raises(KeyError, match="did you mean zeroshot"):
+        tasks.get_task("zeroshots")

@@ -15,9 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import ClipbenchError
-from .base import Samples
-from .formats import (
+from clipbench.data.base import Samples
+from clipbench.data.formats import (
     DataStatus,
     NoOptions,
     Prompts,
@@ -28,12 +27,13 @@ from .formats import (
     register_format,
     unregister_format,
 )
+from clipbench.errors import ClipbenchError
 
 # The built-in formats register themselves on import.
-from . import huggingface, imagefolder, synthetic, table, torchvision_adapter, video, webdataset  # noqa: E402,F401  isort: skip
+from clipbench.data import huggingface, imagefolder, synthetic, table, torchvision_adapter, video, webdataset  # noqa: E402,F401  isort: skip
 
 if TYPE_CHECKING:
-    from ..specs import DatasetSpec
+    from clipbench.specs import DatasetSpec
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol, TypeVar
 
-from ..errors import ClipbenchError
-from ..paths import network_reachable, offline
-from .base import Samples
+from clipbench.data.base import Samples
+from clipbench.errors import ClipbenchError
+from clipbench.paths import network_reachable, offline
 
 if TYPE_CHECKING:
-    from ..specs import DatasetSpec
+    from clipbench.specs import DatasetSpec
 
 __all__ = [
     "DataStatus", "NoOptions", "SourceFormat", "SpecReader", "get_format", "known_types",

@@ -11,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .base import Samples
-from .formats import SourceFormat, register_format
-from .imagefolder import ImageFolderFormat, ImageFolderOptions
-from .table import TableFormat, TableOptions
+from clipbench.data.base import Samples
+from clipbench.data.formats import SourceFormat, register_format
+from clipbench.data.imagefolder import ImageFolderFormat, ImageFolderOptions
+from clipbench.data.table import TableFormat, TableOptions
 
 if TYPE_CHECKING:
-    from ..specs import DatasetSpec
+    from clipbench.specs import DatasetSpec
 
 
 @register_format
@@ -29,7 +29,7 @@ class SyntheticFormat(SourceFormat):
 
     def load(self, spec: "DatasetSpec", role: str, data_root: Path, cache_dir: Path,
              allow_download: bool) -> Samples:
-        from .. import synthetic
+        from clipbench import synthetic
 
         # returns at once when complete; rebuilds data written by an older generator version
         root = synthetic.materialize(spec.name, data_root / spec.name)

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import ClipbenchError
-from .base import FileImageLoader, Samples
-from .formats import SourceFormat, register_format
+from clipbench.data.base import FileImageLoader, Samples
+from clipbench.data.formats import SourceFormat, register_format
+from clipbench.errors import ClipbenchError
 
 if TYPE_CHECKING:
-    from ..specs import DatasetSpec
+    from clipbench.specs import DatasetSpec
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ClipbenchError
-from .base import Samples, to_rgb
-from .formats import SourceFormat, register_format
+from clipbench.data.base import Samples, to_rgb
+from clipbench.data.formats import SourceFormat, register_format
+from clipbench.errors import ClipbenchError
 
 if TYPE_CHECKING:
-    from ..specs import DatasetSpec
+    from clipbench.specs import DatasetSpec
 
 
 @dataclass(frozen=True)

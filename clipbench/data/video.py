@@ -23,19 +23,18 @@ import hashlib
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from typing import TYPE_CHECKING
-
-from ..atomic import atomic_open
-from ..errors import ClipbenchError
-from .base import Samples
-from .formats import SourceFormat, register_format
+from clipbench.atomic import atomic_open
+from clipbench.data.base import Samples
+from clipbench.data.formats import SourceFormat, register_format
+from clipbench.errors import ClipbenchError
 
 if TYPE_CHECKING:
-    from ..specs import DatasetSpec
+    from clipbench.specs import DatasetSpec
 
 log = logging.getLogger(__name__)
 

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ClipbenchError
-from .base import Samples
-from .formats import Prompts, SourceFormat, register_format
-from .huggingface import samples_from_dataset
+from clipbench.data.base import Samples
+from clipbench.data.formats import Prompts, SourceFormat, register_format
+from clipbench.data.huggingface import samples_from_dataset
+from clipbench.errors import ClipbenchError
 
 if TYPE_CHECKING:
-    from ..specs import DatasetSpec
+    from clipbench.specs import DatasetSpec
 
 _IMAGE_FIELDS = ("webp", "jpg", "jpeg", "png")
 TEMPLATES_ORIGIN = "zeroshot_classification_templates.txt of the webdataset"
@@ -106,6 +106,6 @@ def read_wds_prompts(root: Path) -> tuple[list[str] | None, list[str] | None]:
         path = root / name
         if not path.is_file():
             return None
-        return [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     return read("classnames.txt"), read("zeroshot_classification_templates.txt")

@@ -39,9 +39,9 @@ import open_clip
 from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 
 from clipbench.errors import ClipbenchError
-from clipbench.reference import OPENAI_ALIASES
 from clipbench.models.weights import file_sha256, is_openai_format
 from clipbench.paths import package_dir
+from clipbench.reference import OPENAI_ALIASES
 
 MODEL_CONFIG_DIR = package_dir() / "model_configs"
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 import difflib
 import importlib
 
-from .base import Task, TaskInputs, TaskNeeds, TaskOutput
+from clipbench.tasks.base import Task, TaskInputs, TaskNeeds, TaskOutput
 
 __all__ = ["Task", "TaskInputs", "TaskNeeds", "TaskOutput", "register_task", "get_task", "task_names",
            "all_tasks", "spec_task_names", "close_task_names"]
 
-# name -> module defining ``TASK`` (imported lazily: some pull in torch or scikit-learn)
+# name -> (module defining ``TASK``, its ``spec_task``): imported lazily, because some pull in
+# torch or scikit-learn and spec validation needs only the spec task names
 _BUILTIN = {
-    "zeroshot": "clipbench.tasks.zeroshot",
-    "linear_probe": "clipbench.tasks.linear_probe",
-    "few_shot": "clipbench.tasks.few_shot",
-    "retrieval": "clipbench.tasks.retrieval",
+    "zeroshot": ("clipbench.tasks.zeroshot", "zeroshot"),
+    "linear_probe": ("clipbench.tasks.linear_probe", "linear_probe"),
+    "few_shot": ("clipbench.tasks.few_shot", "linear_probe"),
+    "retrieval": ("clipbench.tasks.retrieval", "retrieval"),
 }
 _REGISTRY: dict[str, Task] = {}
 
@@ -36,7 +37,7 @@ def register_task(task: Task) -> Task:
 
 
 def _load_builtins() -> None:
-    for name, module in _BUILTIN.items():
+    for name, (module, _) in _BUILTIN.items():
         if name not in _REGISTRY:
             register_task(importlib.import_module(module).TASK)
 
@@ -59,7 +60,7 @@ def get_task(name: str) -> Task:
         KeyError: no such task; the message lists the registered ones.
     """
     if name in _BUILTIN and name not in _REGISTRY:
-        register_task(importlib.import_module(_BUILTIN[name]).TASK)
+        register_task(importlib.import_module(_BUILTIN[name][0]).TASK)
     if name not in _REGISTRY:
         raise KeyError(f"unknown task {name!r}{close_task_names(name)}; registered tasks: "
                        f"{', '.join(task_names())}")
@@ -74,4 +75,5 @@ def all_tasks() -> list[Task]:
 def spec_task_names() -> list[str]:
     """The names a dataset spec's ``tasks`` field may hold (a spec declares the data a task
     family needs; e.g. ``linear_probe`` enables both the linear and the few-shot probe)."""
-    return list(dict.fromkeys(task.spec_task for task in all_tasks()))
+    builtin = [spec_task for _, spec_task in _BUILTIN.values()]
+    return list(dict.fromkeys([*builtin, *(task.spec_task for task in _REGISTRY.values())]))

@@ -41,7 +41,7 @@ from clipbench.metrics import classification_metrics, compute_metric
 from clipbench.tasks import torch_logreg
 from clipbench.tasks.base import TaskInputs, TaskNeeds, TaskOutput
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 SOLVERS = ("sklearn", "torch")
 
@@ -313,7 +313,7 @@ def _sweep(
         for k, (_, model) in zip(ks, results):
             models[k] = model
             if not model.converged:
-                logger.warning("L-BFGS reached max_iter=%d at C=%g; using the last iterate", solver.max_iter, _c_value(k))
+                log.warning("L-BFGS reached max_iter=%d at C=%g; using the last iterate", solver.max_iter, _c_value(k))
         return [score for score, _ in results]
 
     best_k, scores = _parametric_search(evaluate)
@@ -436,13 +436,13 @@ def linear_probe(
         fitter, train_x, train_y, val_x, val_y, multilabel, num_classes, primary_metric, n_jobs
     )
     C = _c_value(best_k)
-    logger.info("linear probe: chose C=%g (validation %s=%.4f) after %d fits", C, primary_metric, scores[best_k], len(scores))
+    log.info("linear probe: chose C=%g (validation %s=%.4f) after %d fits", C, primary_metric, scores[best_k], len(scores))
 
     final = fitter.fit(
         np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), C, models[best_k], multilabel
     )
     if not final.converged:
-        logger.warning("L-BFGS reached max_iter=%d in the final fit (C=%g); using the last iterate", max_iter, C)
+        log.warning("L-BFGS reached max_iter=%d in the final fit (C=%g); using the last iterate", max_iter, C)
     test_scores = _scores(final, test_x, num_classes, multilabel)
     return ProbeResult(
         metrics=classification_metrics(test_scores, test_y, primary_metric, multilabel),
@@ -575,7 +575,7 @@ def few_shot(
             shot_sets.append(shots)
         std = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
         per_k[int(k)] = FewShotK(float(np.mean(scores)), std, scores, chosen, shot_sets)
-        logger.info("few-shot k=%d: %s %.4f +- %.4f", k, primary_metric, per_k[int(k)].mean, std)
+        log.info("few-shot k=%d: %s %.4f +- %.4f", k, primary_metric, per_k[int(k)].mean, std)
     return FewShotResult(primary_metric, [int(s) for s in seeds], per_k, val_source, len(val_y))
 
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from clipbench.metrics import (
-    RSUM,
     RETRIEVAL_DIRECTIONS,
+    RSUM,
     parse_recall_metric,
     percentile_interval,
     recall_metric_name,
@@ -39,7 +39,7 @@ from clipbench.metrics import (
 )
 from clipbench.tasks.base import TaskInputs, TaskNeeds, TaskOutput
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 __all__ = ["RetrievalResult", "retrieval_metrics", "recall_confidence_interval", "TASK"]
 
@@ -146,7 +146,7 @@ def retrieval_metrics(
     metrics["image_to_text_mean_rank"] = float(np.mean(i2t_queries))
     metrics["image_to_text_median_rank"] = float(np.median(i2t_queries))
     metrics[RSUM] = float(sum(metrics[recall_metric_name(d, k)] for d in RETRIEVAL_DIRECTIONS for k in ks))
-    logger.debug("retrieval over %d images, %d captions: %s", n_images, n_captions, metrics)
+    log.debug("retrieval over %d images, %d captions: %s", n_images, n_captions, metrics)
     return RetrievalResult(
         metrics=metrics,
         text_to_image_ranks=t2i,

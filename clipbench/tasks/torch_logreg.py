@@ -37,8 +37,7 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
-
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _HISTORY_SIZE = 10  # scipy L-BFGS-B's default number of stored correction pairs (maxcor)
 _MAX_EVALS_PER_ITER = 15  # scipy's default maxfun (15000) over sklearn's max_iter (1000)
@@ -162,7 +161,7 @@ def fit(
     optimizer.step(closure)
     n_iter = optimizer.state[W].get("n_iter", 0)
     if n_iter >= max_iter:
-        logger.warning(
+        log.warning(
             "torch L-BFGS did not converge in %d iterations (C=%g, n=%d, D=%d); the probe uses the "
             "last iterate, as scikit-learn does",
             max_iter, C, X_t.shape[0], X_t.shape[1],
