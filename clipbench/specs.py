@@ -363,6 +363,12 @@ def load_spec_file(path: Path) -> DatasetSpec:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ClipbenchError(f"Dataset spec file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise ClipbenchError(f"Dataset spec {path} is a directory; pass the spec's .yaml file.") from None
+    except UnicodeDecodeError as exc:
+        raise ClipbenchError(
+            f"Dataset spec {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); a spec is a YAML file."
+        ) from None
     except yaml.YAMLError as exc:
         raise ClipbenchError(f"Dataset spec {path} is not valid YAML: {exc}") from None
     return parse_spec(raw, path)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from clipbench.synthetic import generate
 
 GUIDE = Path(__file__).resolve().parent.parent / "docs" / "adding-a-dataset.md"
@@ -19,6 +21,7 @@ def fenced_blocks(text: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
+@pytest.mark.slow
 def test_the_guide_runs_from_image_folder_to_report(tmp_path):
     guide = GUIDE.read_text()
     # step 1: "your" images, in the layout the guide shows (drawn by clipbench's synthetic renderer)

@@ -112,6 +112,7 @@ def test_guide_metric_is_computed_bootstrapped_and_accepted_by_specs(plugin_dir,
     assert metrics.classification_metrics(scores, targets, "top3_accuracy")["top3_accuracy"] == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_guide_format_loads_through_the_cli_like_the_same_images_in_an_image_folder(plugin_dir, tmp_path,
                                                                                     monkeypatch):
     from clipbench.synthetic import generate
@@ -154,6 +155,7 @@ def test_guide_format_loads_through_the_cli_like_the_same_images_in_an_image_fol
     assert zeroshot["metrics"]["accuracy"] > 0.6  # the embedded model knows these shapes
 
 
+@pytest.mark.slow
 def test_guide_backend_probes_its_own_features_and_skips_the_text_tasks(plugin_dir, tmp_path, monkeypatch, caplog):
     from PIL import Image
 

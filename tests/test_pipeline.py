@@ -116,6 +116,7 @@ def run_cli(*args: str, env_extra: dict | None = None, timeout: int = 120) -> su
                           timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_cli_offline_pretrained_weights_fail_fast_with_the_fix(tmp_path):
     # the same interpreter importing what the run imports (torch, torchvision, open_clip) is the
     # floor; the downloaders' retries would add ~45 s on top of it
@@ -130,6 +131,7 @@ def test_cli_offline_pretrained_weights_fail_fast_with_the_fix(tmp_path):
     assert "--pretrained" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_unknown_dataset_and_model_list_close_matches(spec_file, tmp_path):
     proc = run_cli("run", "--model", "ViT-S-32-alt", "--pretrained", "none", "--datasets", "colour",
                    "--cache-dir", str(tmp_path))
@@ -138,6 +140,7 @@ def test_cli_unknown_dataset_and_model_list_close_matches(spec_file, tmp_path):
     assert proc.returncode != 0 and "ViT-S-32-alt" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_spec_names_file_and_field(tmp_path):
     bad = tmp_path / "broken.yaml"
     bad.write_text("name: broken\ntasks: [zeroshot]\nprimary_metric: accuracy\n")
