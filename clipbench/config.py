@@ -84,7 +84,7 @@ class RunConfig:
             data_root = default_data_root()
         else:  # an explicit --cache-dir keeps generated data beside the features
             data_root = cache / "data"
-        from clipbench.tasks import task_names
+        from clipbench.tasks import builtin_task_names
 
         return dataclasses.replace(
             self,
@@ -92,7 +92,7 @@ class RunConfig:
             pretrained=EMBEDDED_PRETRAINED if embedded and self.pretrained is None else self.pretrained,
             datasets=list(self.datasets or (EMBEDDED_DATASETS if embedded else MODEL_DATASETS)),
             tasks=list(self.tasks if self.tasks is not None else
-                       (task_names() if embedded else MODEL_TASKS)),
+                       (builtin_task_names() if embedded else MODEL_TASKS)),
             data_root=data_root.expanduser(),
             cache_dir=cache,
             output=Path(self.output).expanduser(),

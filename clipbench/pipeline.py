@@ -166,20 +166,20 @@ class Evaluator:
                                    spec.name, task.name)
         existing = results.existing_record(self.config.output, self.model.name, self.model.pretrained,
                                            spec.name, task.name)
-        if existing is not None:
-            old = existing.config.get("settings_digest")
-            if old == settings["settings_digest"] and not self.config.force:
-                log.info("%s/%s: record exists with the same settings, skipped (--force recomputes)",
-                         spec.name, task.name)
-                return existing
-            if old != settings["settings_digest"]:
-                kept = results.supersede(path, old or "unknown")
-                log.warning("%s/%s: the stored record was computed under other settings (%s); "
-                            "recomputing, the earlier record is kept as %s", spec.name, task.name,
-                            results.changed_settings(existing.config, settings), kept.name)
+        old = existing.config.get("settings_digest") if existing is not None else None
+        if existing is not None and old == settings["settings_digest"] and not self.config.force:
+            log.info("%s/%s: record exists with the same settings, skipped (--force recomputes)",
+                     spec.name, task.name)
+            return existing
         start = time.perf_counter()
         record, per_class = self._compute(spec, task, settings)
         record.seconds["total"] = round(time.perf_counter() - start, 3)
+        if existing is not None and old != settings["settings_digest"]:
+            # moved aside only once its replacement exists: a failed task leaves it in place
+            kept = results.supersede(path, old or "unknown")
+            log.warning("%s/%s: the stored record was computed under other settings (%s); "
+                        "recomputed, the earlier record is kept as %s", spec.name, task.name,
+                        results.changed_settings(existing.config, settings), kept.name)
         written = results.write_record(record, self.config.output, per_class)
         log.info("wrote %s", written)
         return record
@@ -285,6 +285,7 @@ def run(config: RunConfig) -> RunResult:
                 except (ClipbenchError, ValueError, TypeError) as exc:
                     outcome.failures.append((spec.name, task.name, str(exc)))
                     log.error("%s/%s: %s", spec.name, task.name, exc)
+                    log.debug("%s/%s failed here", spec.name, task.name, exc_info=True)  # -vv
     finally:
         dist_ctx.close()
     return outcome

@@ -14,7 +14,7 @@ import importlib
 from clipbench.tasks.base import Task, TaskInputs, TaskNeeds, TaskOutput
 
 __all__ = ["Task", "TaskInputs", "TaskNeeds", "TaskOutput", "register_task", "get_task", "task_names",
-           "all_tasks", "spec_task_names", "close_task_names"]
+           "all_tasks", "spec_task_names", "close_task_names", "builtin_task_names"]
 
 # name -> (module defining ``TASK``, its ``spec_task``): imported lazily, because some pull in
 # torch or scikit-learn and spec validation needs only the spec task names
@@ -40,6 +40,11 @@ def _load_builtins() -> None:
     for name, (module, _) in _BUILTIN.items():
         if name not in _REGISTRY:
             register_task(importlib.import_module(module).TASK)
+
+
+def builtin_task_names() -> list[str]:
+    """The tasks that ship with clipbench (the embedded default runs them all)."""
+    return list(_BUILTIN)
 
 
 def task_names() -> list[str]:
