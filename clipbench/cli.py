@@ -7,9 +7,13 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clipbench import __version__
 from clipbench.errors import ClipbenchError
+
+if TYPE_CHECKING:  # imported lazily at run time, so that `clipbench --help` stays light
+    from clipbench.config import RunConfig
 
 log = logging.getLogger("clipbench")
 
@@ -108,7 +112,7 @@ def _data_root(args: argparse.Namespace) -> Path:
     return RunConfig(data_root=args.data_root, cache_dir=args.cache_dir).resolved().data_root
 
 
-def config_from_args(args: argparse.Namespace) -> "RunConfig":  # noqa: F821 (imported lazily)
+def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The :class:`~clipbench.config.RunConfig` of `clipbench run` flags (nothing resolved yet)."""
     from clipbench.config import RunConfig
 
