@@ -56,6 +56,8 @@ class RunConfig:
     allow_download: bool = True
     probe_solver: str = "sklearn"
     probe_features: str = "pre_projection"
+    #: joblib processes for the probes' sweep points; changes speed only (sklearn solver: the
+    #: numbers are bit-identical for any job or BLAS thread count, tasks/linear_probe.py)
     probe_jobs: int = field(default_factory=lambda: min(7, os.cpu_count() or 1))
     few_shot_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     few_shot_seeds: int = 3

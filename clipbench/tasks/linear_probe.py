@@ -17,11 +17,23 @@ Choices this module makes, where the paper says nothing:
   recall, 11-point mAP, ROC AUC, ...), computed on decision scores.
 * Multi-label datasets (VOC2007): one binary logistic regression per class (one-vs-rest), all with
   the same ``C``; a class whose training column is constant gets constant score 0.
-* Warm starts (results are deterministic and independent of ``n_jobs``): the 7 initial decade points
-  start from zero and run in parallel (``n_jobs`` processes, scikit-learn solver only); every later
-  sweep point starts from the solution at the best ``C`` found so far, and the final refit on
-  train + validation starts from the sweep's solution at the chosen ``C``. With the solver's
-  tolerance the solution depends on the start only within that tolerance.
+* Warm starts: the 7 initial decade points start from zero and run in parallel (``n_jobs``
+  processes, scikit-learn solver only); every later sweep point starts from the solution at the
+  best ``C`` found so far (a function of the scores, not of the order fits finish), and the final
+  refit on train + validation starts from the sweep's solution at the chosen ``C``.
+
+Determinism guaranteed (scikit-learn solver): for the same features, labels and settings, on one
+machine and one installation (numpy, scipy, scikit-learn and their BLAS), the chosen ``C``, every
+sweep score, every fit's iteration count and the test decision scores are bit-identical whatever
+``n_jobs`` and however many BLAS/OpenMP threads the process has. How: every fit and every scoring
+product runs with BLAS and OpenMP limited to one thread (``threadpoolctl``), in this process or in
+a joblib worker alike. A multi-threaded BLAS splits the sums of ``X.T @ G`` differently per thread
+count; the last-bit differences change the iterate at which L-BFGS meets ``tol=1e-4`` (far from the
+optimum at weak regularization), which moved test predictions (one dataset: 413, 416 and 412 of 540
+correct for 2 jobs, 1 job, 1 job with one BLAS thread). The price is single-threaded BLAS inside
+each fit: parallelism comes from ``n_jobs`` (sweep points) only. Not guaranteed: equality across
+machines or library builds (another CPU's BLAS kernels round differently), nor for
+``solver="torch"`` (torch's own thread pool and GPU kernels choose their reduction order).
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from joblib import Parallel, delayed
+from threadpoolctl import threadpool_limits
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
@@ -217,7 +230,10 @@ class _Linear:
     coef: np.ndarray
     intercept: np.ndarray
     classes: np.ndarray
-    converged: bool = True
+    #: L-BFGS iterations of the fit (multi-label: the most over the label columns; 0: not fit)
+    n_iter: int = 0
+    #: whether a fit stopped at max_iter instead of meeting the tolerance
+    max_iter_reached: bool = False
 
 
 @dataclass(frozen=True)
@@ -236,11 +252,11 @@ class _Solver:
         if init is not None and not np.array_equal(init.classes, classes):
             init = None  # the class set changed (e.g. train vs train + val): start from zero
         if self.name == "torch":
-            coef, intercept = torch_logreg.fit(
+            coef, intercept, n_iter = torch_logreg.fit(
                 X, y, C, max_iter=self.max_iter, tol=_TOL, device=self.device,
-                init=None if init is None else (init.coef, init.intercept),
+                init=None if init is None else (init.coef, init.intercept), return_n_iter=True,
             )
-            return _Linear(coef, intercept, classes)
+            return _Linear(coef, intercept, classes, n_iter, n_iter >= self.max_iter)
         model = LogisticRegression(C=C, max_iter=self.max_iter, tol=_TOL, warm_start=init is not None)
         if init is not None:
             # sklearn's warm start reads the previous solution from these attributes
@@ -248,9 +264,16 @@ class _Solver:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # reported by the caller instead
             model.fit(X, y)
-        return _Linear(model.coef_, model.intercept_, model.classes_, bool(model.n_iter_.max() < self.max_iter))
+        n_iter = int(model.n_iter_.max())
+        return _Linear(model.coef_, model.intercept_, model.classes_, n_iter, n_iter >= self.max_iter)
 
     def fit(self, X: np.ndarray, y: np.ndarray, C: float, init: _Linear | None, multilabel: bool) -> _Linear:
+        if self.name == "torch":  # torch has its own thread pool; see the module docstring
+            return self._fit(X, y, C, init, multilabel)
+        with threadpool_limits(limits=1):  # bit-identical whatever the thread count (module docstring)
+            return self._fit(X, y, C, init, multilabel)
+
+    def _fit(self, X: np.ndarray, y: np.ndarray, C: float, init: _Linear | None, multilabel: bool) -> _Linear:
         if not multilabel:
             return self.fit_binary_or_multinomial(X, y, C, init)
         rows = []
@@ -265,7 +288,8 @@ class _Solver:
             np.concatenate([r.coef for r in rows]),
             np.concatenate([r.intercept for r in rows]),
             np.arange(y.shape[1]),
-            all(r.converged for r in rows),
+            max(r.n_iter for r in rows),
+            any(r.max_iter_reached for r in rows),
         )
 
 
@@ -273,9 +297,11 @@ def _scores(model: _Linear, X: np.ndarray, num_classes: int, multilabel: bool) -
     """(N, num_classes) float64 decision scores of ``model`` on ``X``.
 
     Binary: columns (0, z), so softmax gives sklearn's predict_proba and argmax its predict.
-    A class absent from the training labels scores below every other class of its row.
+    A class absent from the training labels scores below every other class of its row. The product
+    runs on one BLAS thread, so the scores do not depend on the thread count either.
     """
-    logits = X @ model.coef.T + model.intercept
+    with threadpool_limits(limits=1):
+        logits = X @ model.coef.T + model.intercept
     if multilabel:
         return logits
     if model.classes.size == 2 and logits.shape[1] == 1:
@@ -312,12 +338,22 @@ def _sweep(
         )
         for k, (_, model) in zip(ks, results):
             models[k] = model
-            if not model.converged:
+            if model.max_iter_reached:
                 log.warning("L-BFGS reached max_iter=%d at C=%g; using the last iterate", solver.max_iter, _c_value(k))
         return [score for score, _ in results]
 
     best_k, scores = _parametric_search(evaluate)
     return best_k, scores, models
+
+
+def _convergence(models: dict[int, _Linear], max_iter: int) -> dict:
+    """JSON-ready convergence of the sweep's fits: ``{"max_iter", "n_iter": {C: iterations},
+    "max_iter_reached": [C, ...]}`` with C as ``repr`` strings, in evaluation order."""
+    return {
+        "max_iter": max_iter,
+        "n_iter": {repr(_c_value(k)): m.n_iter for k, m in models.items()},
+        "max_iter_reached": [repr(_c_value(k)) for k, m in models.items() if m.max_iter_reached],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,6 +374,8 @@ class ProbeResult:
             for multi-label.
         n_train, n_val, n_test: sample counts (the final model is fit on n_train + n_val).
         solver: ``"sklearn"`` or ``"torch"``.
+        convergence: the sweep's fits (:func:`_convergence`) and ``"final"``: ``{"n_iter",
+            "max_iter_reached"}`` of the refit on train + validation.
     """
 
     metrics: dict[str, float]
@@ -350,15 +388,18 @@ class ProbeResult:
     n_val: int
     n_test: int
     solver: str
+    convergence: dict = field(default_factory=dict)
 
     def record_details(self) -> dict:
-        """JSON-ready ``details`` for a result record: ``{"C", "sweep", "solver", "n_train", "n_val"}``."""
+        """JSON-ready ``details`` for a result record: ``{"C", "sweep", "solver", "n_train", "n_val",
+        "convergence"}``."""
         return {
             "C": self.C,
             "sweep": {repr(c): s for c, s in self.sweep.items()},
             "solver": self.solver,
             "n_train": self.n_train,
             "n_val": self.n_val,
+            "convergence": self.convergence,
         }
 
 
@@ -405,7 +446,8 @@ def linear_probe(
     """The paper's linear probe: sweep C on validation, refit on train + validation, score test.
 
     See the module docstring for the protocol and :func:`c_sweep` for the search. Deterministic:
-    there is no randomness (hence no seed), and ``n_jobs`` does not change the result.
+    there is no randomness (hence no seed), and with the scikit-learn solver neither ``n_jobs`` nor
+    the BLAS thread count changes a bit of the result (module docstring: what is guaranteed).
 
     Args:
         train_x, val_x, test_x: (N, D) float features (e.g. float32 pre-projection features).
@@ -441,7 +483,7 @@ def linear_probe(
     final = fitter.fit(
         np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), C, models[best_k], multilabel
     )
-    if not final.converged:
+    if final.max_iter_reached:
         log.warning("L-BFGS reached max_iter=%d in the final fit (C=%g); using the last iterate", max_iter, C)
     test_scores = _scores(final, test_x, num_classes, multilabel)
     return ProbeResult(
@@ -455,6 +497,8 @@ def linear_probe(
         n_val=len(val_y),
         n_test=len(test_y),
         solver=solver,
+        convergence={**_convergence(models, max_iter),
+                     "final": {"n_iter": final.n_iter, "max_iter_reached": final.max_iter_reached}},
     )
 
 
@@ -463,7 +507,8 @@ class FewShotK:
     """Few-shot results at one k: primary-metric test scores per seed and their summary.
 
     ``std`` is the sample standard deviation over seeds (ddof=1; 0.0 for a single seed).
-    ``indices[i]`` are the indices into ``train_x`` of seed i's shot set.
+    ``indices[i]`` are the indices into ``train_x`` of seed i's shot set; ``convergence[i]`` its
+    sweep's fits (:func:`_convergence`).
     """
 
     mean: float
@@ -471,6 +516,7 @@ class FewShotK:
     scores: list[float]
     C: list[float]
     indices: list[np.ndarray] = field(repr=False)
+    convergence: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -484,10 +530,11 @@ class FewShotResult:
     n_val: int
 
     def record_details(self) -> dict:
-        """JSON-ready ``details``: ``{"k": {"1": {"mean", "std", "seeds", "C"}}, "val_source", "n_val"}``."""
+        """JSON-ready ``details``: ``{"k": {"1": {"mean", "std", "seeds", "C", "convergence"}},
+        "val_source", "n_val"}``."""
         return {
             "k": {
-                str(k): {"mean": r.mean, "std": r.std, "seeds": r.scores, "C": r.C}
+                str(k): {"mean": r.mean, "std": r.std, "seeds": r.scores, "C": r.C, "convergence": r.convergence}
                 for k, r in self.per_k.items()
             },
             "val_source": self.val_source,
@@ -563,7 +610,7 @@ def few_shot(
 
     per_k = {}
     for k in ks:
-        scores, chosen, shot_sets = [], [], []
+        scores, chosen, shot_sets, convergence = [], [], [], []
         for seed in seeds:
             shots = pool[sample_few_shot(train_y[pool], k, seed)]
             best_k, _, models = _sweep(
@@ -573,8 +620,9 @@ def few_shot(
             scores.append(compute_metric(primary_metric, test_scores, test_y))
             chosen.append(_c_value(best_k))
             shot_sets.append(shots)
+            convergence.append(_convergence(models, max_iter))
         std = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
-        per_k[int(k)] = FewShotK(float(np.mean(scores)), std, scores, chosen, shot_sets)
+        per_k[int(k)] = FewShotK(float(np.mean(scores)), std, scores, chosen, shot_sets, convergence)
         log.info("few-shot k=%d: %s %.4f +- %.4f", k, primary_metric, per_k[int(k)].mean, std)
     return FewShotResult(primary_metric, [int(s) for s in seeds], per_k, val_source, len(val_y))
 

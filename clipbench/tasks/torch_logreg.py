@@ -93,7 +93,8 @@ def fit(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     init: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
+    return_n_iter: bool = False,
+) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, int]:
     """Fit L2-regularized logistic regression with scikit-learn's objective and parameterization.
 
     Args:
@@ -106,10 +107,13 @@ def fit(
         device: where to compute.
         dtype: compute dtype; default float64 on CPU, float32 elsewhere.
         init: optional warm start ``(coef, intercept)`` of the returned shapes.
+        return_n_iter: also return the number of L-BFGS iterations run (``max_iter`` when it
+            stopped at the limit), as scikit-learn's ``n_iter_``.
 
     Returns:
         ``coef`` (K, D) and ``intercept`` (K,) as float64 numpy arrays, with K = number of classes,
-        or K = 1 for two classes (the logit of the larger label).
+        or K = 1 for two classes (the logit of the larger label); then ``n_iter`` when
+        ``return_n_iter``.
     """
     if not C > 0:
         raise ValueError(f"C (inverse L2 strength) must be > 0, got {C}.")
@@ -166,10 +170,8 @@ def fit(
             "last iterate, as scikit-learn does",
             max_iter, C, X_t.shape[0], X_t.shape[1],
         )
-    return (
-        W.detach().to("cpu", torch.float64).numpy(),
-        b.detach().to("cpu", torch.float64).numpy(),
-    )
+    coef, intercept = W.detach().to("cpu", torch.float64).numpy(), b.detach().to("cpu", torch.float64).numpy()
+    return (coef, intercept, int(n_iter)) if return_n_iter else (coef, intercept)
 
 
 def predict_scores(X: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
