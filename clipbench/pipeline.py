@@ -214,7 +214,8 @@ class Evaluator:
             captions = Captions(encoded, owner)
         t2 = time.perf_counter()
         inputs = TaskInputs(spec=spec, settings=task.settings(self.config), images=images,
-                            class_prompts=class_prompts, captions=captions, device=str(self.model.device))
+                            class_prompts=class_prompts, captions=captions, device=str(self.model.device),
+                            jobs=self.config.probe_jobs)
         output = task.run(inputs)
         seconds = {"features": round(feature_seconds, 3)}
         if needs.text:

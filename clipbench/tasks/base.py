@@ -68,7 +68,8 @@ class Captions:
 @dataclass(frozen=True)
 class TaskInputs:
     """Everything a task computes from. ``spec`` is the dataset spec (data: metric, classes, ...);
-    ``settings`` is the task's own :meth:`Task.settings` of the run; ``device`` runs torch math."""
+    ``settings`` is the task's own :meth:`Task.settings` of the run. ``device`` (torch math) and
+    ``jobs`` (worker processes) say where to compute; they must not change a number."""
 
     spec: Any
     settings: dict[str, Any]
@@ -76,6 +77,7 @@ class TaskInputs:
     class_prompts: ClassPrompts | None = None
     captions: Captions | None = None
     device: str = "cpu"
+    jobs: int = 1
 
 
 @dataclass

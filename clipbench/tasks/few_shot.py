@@ -23,7 +23,7 @@ class FewShotTask:
     def settings(self, config) -> dict:
         return {"probe_solver": config.probe_solver, "probe_features": config.probe_features,
                 "seed": config.seed, "few_shot_k": list(config.few_shot_k),
-                "few_shot_seeds": config.few_shot_seeds, "n_jobs": config.probe_jobs}
+                "few_shot_seeds": config.few_shot_seeds}
 
     def run(self, inputs: TaskInputs) -> TaskOutput:
         spec, settings = inputs.spec, inputs.settings
@@ -32,7 +32,7 @@ class FewShotTask:
         result = few_shot(tx, ty, sx, sy, primary_metric=spec.primary_metric,
                           ks=tuple(settings["few_shot_k"]), seeds=tuple(range(settings["few_shot_seeds"])),
                           val_x=vx, val_y=vy, solver=settings["probe_solver"], device=inputs.device,
-                          num_classes=spec.num_classes, n_jobs=settings["n_jobs"])
+                          num_classes=spec.num_classes, n_jobs=inputs.jobs)
         metric = spec.primary_metric
         metrics = {f"{metric}@{k}shot": r.mean for k, r in result.per_k.items()}
         metrics[metric] = result.per_k[max(result.per_k)].mean

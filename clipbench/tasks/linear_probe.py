@@ -674,14 +674,14 @@ class LinearProbeTask:
 
     def settings(self, config) -> dict:
         return {"probe_solver": config.probe_solver, "probe_features": config.probe_features,
-                "seed": config.seed, "n_jobs": config.probe_jobs}
+                "seed": config.seed}
 
     def run(self, inputs: TaskInputs) -> TaskOutput:
         spec, settings = inputs.spec, inputs.settings
         splits = probe_splits(inputs)
         result = linear_probe(*splits.train, *splits.val, *splits.test, primary_metric=spec.primary_metric,
                               multilabel=spec.multilabel, solver=settings["probe_solver"],
-                              device=inputs.device, num_classes=spec.num_classes, n_jobs=settings["n_jobs"])
+                              device=inputs.device, num_classes=spec.num_classes, n_jobs=inputs.jobs)
         details = {**result.record_details(), "feature_kind": splits.feature_kind,
                    "validation": splits.val_source}
         return TaskOutput(metrics=result.metrics, n_samples=result.n_test, details=details)
