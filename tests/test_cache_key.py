@@ -31,8 +31,8 @@ def direct_features(model, images: list[Image.Image]) -> np.ndarray:
 
 
 def shuffled_colours(label: int, index: int) -> Image.Image:
-    """Other pixels for the same file: the colour of the next class, other noise."""
-    return make_image((label + 1) % 3, index + 7)
+    """Other pixels for the same file: the colour of another class, other noise."""
+    return make_image((label + 2) % 3, index + 7)
 
 
 def test_imagefolder_rewritten_in_place_is_encoded_afresh(model, tmp_path):
@@ -64,6 +64,7 @@ def test_imagefolder_rewritten_in_place_is_encoded_afresh(model, tmp_path):
     assert second.metrics["accuracy"] == pytest.approx(expected, abs=1e-12)
     assert first.metrics["accuracy"] == pytest.approx(
         float(((stale @ _class_weights(model).T).argmax(1) == labels).mean()), abs=1e-12)
+    assert second.metrics["accuracy"] != first.metrics["accuracy"]  # stale features would repeat it
 
 
 def _class_weights(model) -> np.ndarray:
