@@ -104,13 +104,19 @@ class FileStats:
     def __call__(self) -> str:
         if self._value is None:
             lines = []
+            prefix = os.path.join(self.relative_to, "") if self.relative_to else None
             for path in self._files():
                 try:
                     st = os.stat(path)
                 except OSError as exc:
                     raise ClipbenchError(f"Cannot read {path} ({exc.strerror}): restore the file or "
                                          "remove it from the dataset.") from None
-                name = os.path.relpath(path, self.relative_to) if self.relative_to else path
+                if prefix is None:
+                    name = path
+                elif path.startswith(prefix):  # the common case, without relpath's cost
+                    name = path[len(prefix):]
+                else:
+                    name = os.path.relpath(path, self.relative_to)
                 lines.append(f"{name}\0{st.st_size}\0{st.st_mtime_ns}")
             self._value = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
         return self._value
