@@ -246,7 +246,7 @@ class DistContext:
         if not self.distributed:
             return encode_image_batches(model, samples, batch_size=batch_size, workers=workers, desc=desc)
         request = {"op": "encode", "spec": spec, "role": role, "n": len(samples),
-                   "digest": samples.content_digest(), "batch_size": batch_size, "workers": workers}
+                   "digest": samples.listing_digest(), "batch_size": batch_size, "workers": workers}
         self._collective(f"sending the request for {spec.name}/{role}",
                          lambda: dist.broadcast_object_list([request], src=0, group=self._control))
         result = self._encode_shard(model, samples, request)
@@ -291,7 +291,7 @@ class DistContext:
             samples, error = None, None
             try:
                 samples = load_samples(spec, role)
-                if len(samples) != request["n"] or samples.content_digest() != request["digest"]:
+                if len(samples) != request["n"] or samples.listing_digest() != request["digest"]:
                     error = (f"rank {self.rank} sees a different {spec.name}/{role} than rank 0 "
                              f"({len(samples)} vs {request['n']} samples, or other files/labels): "
                              "every rank needs the same data under --data-root (a shared "

@@ -155,6 +155,7 @@ num_classes: 3
 source:
   type: imagefolder
   path: {root}
+  class_folders: [a_red, b_green, c_blue]
 splits:
   train: train
   test: test

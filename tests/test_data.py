@@ -17,6 +17,7 @@ from clipbench.data import data_status, load_split
 from clipbench.errors import ClipbenchError
 from clipbench.specs import parse_spec
 
+FOLDERS = ["a_red", "b_green", "c_blue"]  # the imagefolder fixture's class folders, in label order
 
 def spec_for(source: dict, splits: dict, *, name="fx", tasks=("zeroshot",), retrieval=False, **extra):
     raw = {
@@ -47,7 +48,8 @@ def check_classification(samples, n_expected: int):
 
 
 def test_imagefolder(imagefolder_root, tmp_path):
-    spec = spec_for({"type": "imagefolder", "path": str(imagefolder_root)}, {"train": "train", "test": "test"})
+    spec = spec_for({"type": "imagefolder", "path": str(imagefolder_root),
+                     "class_folders": list(FOLDERS)}, {"train": "train", "test": "test"})
     check_classification(load_split(spec, "test", tmp_path, tmp_path), 9)
     check_classification(load_split(spec, "train", tmp_path, tmp_path), 15)
 
@@ -62,8 +64,57 @@ def test_imagefolder_class_order_from_class_folders(imagefolder_root, tmp_path):
         assert dominant_label(image) == 2 - target  # index = position in class_folders
 
 
+def _folder_of(root: Path, names: list[str]) -> Path:
+    """``root/test/<names[label]>/*.png`` whose dominant colour is ``label`` (3 images each)."""
+    for label, name in enumerate(names):
+        (root / "test" / name).mkdir(parents=True)
+        for i in range(3):
+            make_image(label, i).save(root / "test" / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.mark.parametrize("folders", [["red", "green", "blue"], ["Red", "GREEN", "blue"]])
+def test_imagefolder_named_like_the_classes_maps_by_name_not_sort_order(folders, tmp_path):
+    # sorted, the folders are blue, green, red: label 0 would be blue's images
+    spec = spec_for({"type": "imagefolder", "path": str(_folder_of(tmp_path / "f", folders))}, {"test": "test"})
+    samples = load_split(spec, "test", tmp_path, tmp_path)
+    assert len(samples) == 9
+    for i in range(len(samples)):
+        image, target = samples[i]
+        assert dominant_label(image) == target
+
+
+def test_imagefolder_matches_separators_and_case_of_class_names(tmp_path):
+    root = _folder_of(tmp_path / "f", ["light-red", "Light_Green", "light blue"])
+    spec = spec_for({"type": "imagefolder", "path": str(root)}, {"test": "test"},
+                    classnames=["light blue", "light red", "light green"])
+    samples = load_split(spec, "test", tmp_path, tmp_path)
+    # class 0 = "light blue" = the folder whose images are blue (colour 2), and so on
+    colour_of_class = {0: 2, 1: 0, 2: 1}
+    assert [colour_of_class[int(t)] for t in samples.targets] == [dominant_label(samples[i][0])
+                                                                 for i in range(len(samples))]
+
+
+def test_imagefolder_whose_folders_are_not_the_class_names_is_refused(imagefolder_root, tmp_path):
+    spec = spec_for({"type": "imagefolder", "path": str(imagefolder_root)}, {"test": "test"})
+    with pytest.raises(ClipbenchError) as info:
+        load_split(spec, "test", tmp_path, tmp_path)
+    message = str(info.value)
+    assert all(name in message for name in ("'a_red'", "'b_green'", "'c_blue'", "'red'", "'green'", "'blue'"))
+    assert "source.class_folders" in message
+
+
+def test_imagefolder_missing_a_class_folder_is_refused_without_class_folders(tmp_path):
+    # two of three classes: by sort order 'green' would become label 0
+    spec = spec_for({"type": "imagefolder", "path": str(_folder_of(tmp_path / "f", ["green", "blue"]))},
+                    {"test": "test"})
+    with pytest.raises(ClipbenchError, match="source.class_folders"):
+        load_split(spec, "test", tmp_path, tmp_path)
+
+
 def test_subsample_is_seeded_and_ordered(imagefolder_root, tmp_path):
-    spec = spec_for({"type": "imagefolder", "path": str(imagefolder_root)}, {"test": "train"},
+    spec = spec_for({"type": "imagefolder", "path": str(imagefolder_root),
+                     "class_folders": list(FOLDERS)}, {"test": "train"},
                     subsample={"test": 7, "seed": 3})
     a = load_split(spec, "test", tmp_path, tmp_path)
     b = load_split(spec, "test", tmp_path, tmp_path)

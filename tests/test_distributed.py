@@ -136,6 +136,7 @@ num_classes: 3
 source:
   type: imagefolder
   path: {root}
+  class_folders: [a_red, b_green, c_blue]
 splits:
   test: {split}
 subsample: {subsample}

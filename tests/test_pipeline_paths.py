@@ -124,7 +124,7 @@ def write_spec(tmp_path: Path, name: str, **fields) -> Path:
 
 def folder_spec(tmp_path: Path, root: Path, tasks: list[str], **fields) -> Path:
     return write_spec(tmp_path, "colours", tasks=tasks, primary_metric="accuracy", num_classes=3,
-                      source={"type": "imagefolder", "path": str(root)},
+                      source={"type": "imagefolder", "path": str(root), "class_folders": list(FOLDERS)},
                       splits={"train": "train", "test": "test"}, **{**PROMPTS, **fields})
 
 

@@ -144,3 +144,21 @@ def test_groups_and_retrieval_specs():
         spec = load_spec(name)
         assert spec.tasks == ("retrieval",) and spec.primary_metric == "text_to_image_R@1"
         assert spec.split("test") == "test" and spec.source.options.caption_column
+
+
+@pytest.mark.parametrize("spec", [s for s in list_specs() if s.source.type in ("imagefolder", "synthetic")],
+                         ids=lambda s: s.name)
+def test_packaged_folder_specs_keep_their_class_order(spec):
+    """Image folders without class_folders map folders to classes by name (and refuse otherwise):
+    every packaged one either declares the order or has folders that sort like its class names,
+    so that rule changes no packaged dataset's labels."""
+    if spec.source.type == "imagefolder":
+        assert spec.source.options.class_folders is not None
+        return
+    from clipbench.synthetic import CLASSNAMES
+
+    if spec.is_retrieval:
+        assert spec.name not in CLASSNAMES
+        return
+    # the generator names each class folder by its class name (synthetic._write_classification)
+    assert spec.classnames == CLASSNAMES[spec.name] == tuple(sorted(spec.classnames))

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipbench.data.base import Samples
+from clipbench.data.base import FileStats, Samples
 from clipbench.data.formats import (
     DataStatus,
     NoOptions,
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DataStatus", "NoOptions", "Samples", "SourceFormat", "data_status", "get_format", "known_types",
+    "DataStatus", "FileStats", "NoOptions", "Samples", "SourceFormat", "data_status", "get_format", "known_types",
     "load_split", "local_dir", "parse_options", "register_format", "source_prompts", "unregister_format",
 ]
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
+
+from clipbench.errors import ClipbenchError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -22,6 +26,8 @@ class Samples:
       - ``captions``: ``N`` lists of caption strings (retrieval); the target of item i is i.
     ``load_image(i)`` returns the i-th image; it must be picklable for DataLoader workers.
     ``ids`` are stable per-sample identifiers (file names, row ids) used in sidecars and digests.
+    ``fingerprint()`` is a digest of the stored bytes behind the split (see :class:`FileStats`),
+    set by the storage format; it is computed on first use and shared by subsets.
     """
 
     load_image: Callable[[int], Image.Image]
@@ -30,6 +36,7 @@ class Samples:
     captions: list[list[str]] | None = None
     ids: Sequence[str] | None = None
     description: str = ""
+    fingerprint: Callable[[], str] | None = None
 
     def __len__(self) -> int:
         return self.size
@@ -51,10 +58,18 @@ class Samples:
             captions=[self.captions[i] for i in indices] if self.captions is not None else None,
             ids=[self.ids[i] for i in indices] if self.ids is not None else None,
             description=description or self.description,
+            fingerprint=self.fingerprint,
         )
 
     def content_digest(self) -> str:
-        """Digest of the sample ids and targets: changes when the split's content changes."""
+        """Digest of the listing and of the stored content (the fingerprint): the feature-cache key part."""
+        h = hashlib.sha256(self.listing_digest().encode())
+        if self.fingerprint is not None:
+            h.update(self.fingerprint().encode())
+        return h.hexdigest()[:16]
+
+    def listing_digest(self) -> str:
+        """Digest of the sample ids and targets (or captions), not of the stored bytes."""
         h = hashlib.sha256(str(self.size).encode())
         if self.ids is not None:
             h.update("\n".join(map(str, self.ids)).encode())
@@ -63,6 +78,54 @@ class Samples:
         if self.captions is not None:
             h.update("\x1f".join("\x1e".join(c) for c in self.captions).encode())
         return h.hexdigest()[:16]
+
+
+class FileStats:
+    """Fingerprint of files by (path, size, mtime_ns): cheap (one ``stat`` per file, no reads),
+    computed once per instance and picklable. A file rewritten with the same size within the
+    filesystem's mtime granularity goes unnoticed.
+
+    ``paths`` are files, or directories whose files (recursively) count.
+    """
+
+    def __init__(self, paths: Sequence[Path | str], relative_to: Path | str | None = None):
+        self.paths = [str(p) for p in paths]
+        self.relative_to = str(relative_to) if relative_to is not None else None
+        self._value: str | None = None
+
+    def _files(self):
+        for path in self.paths:
+            if os.path.isdir(path):
+                for folder, _, names in os.walk(path):
+                    yield from (os.path.join(folder, n) for n in names)
+            else:
+                yield path
+
+    def __call__(self) -> str:
+        if self._value is None:
+            lines = []
+            prefix = os.path.join(self.relative_to, "") if self.relative_to else None
+            for path in self._files():
+                try:
+                    st = os.stat(path)
+                except OSError as exc:
+                    raise ClipbenchError(f"Cannot read {path} ({exc.strerror}): restore the file or "
+                                         "remove it from the dataset.") from None
+                if prefix is None:
+                    name = path
+                elif path.startswith(prefix):  # the common case, without relpath's cost
+                    name = path[len(prefix):]
+                else:
+                    name = os.path.relpath(path, self.relative_to)
+                lines.append(f"{name}\0{st.st_size}\0{st.st_mtime_ns}")
+            self._value = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
+        return self._value
+
+
+def class_key(name: str) -> str:
+    """A class or folder name compared by name: lower-case letters and digits only
+    (``ApplyEyeMakeup`` = ``Apply Eye Makeup``, ``golden_retriever`` = ``golden-retriever``)."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
 class _IndexedLoader:

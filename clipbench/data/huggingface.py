@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from clipbench.data.base import Samples, to_rgb
+from clipbench.data.base import FileStats, Samples, to_rgb
 from clipbench.data.formats import SourceFormat, register_format
 from clipbench.errors import ClipbenchError
 
@@ -75,6 +75,18 @@ class HFImageLoader:
         return to_rgb(self.dataset[int(i)][self.column])
 
 
+class HFFingerprint:
+    """A Hugging Face dataset's stored content: its ``_fingerprint`` (which the library changes with
+    every transform and slice) and (path, size, mtime_ns) of its Arrow files (picklable)."""
+
+    def __init__(self, dataset: Any):
+        self.fingerprint = str(getattr(dataset, "_fingerprint", ""))
+        self.files = FileStats([f["filename"] for f in getattr(dataset, "cache_files", ())])
+
+    def __call__(self) -> str:
+        return f"{self.fingerprint}:{self.files()}"
+
+
 def is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
@@ -128,8 +140,11 @@ def samples_from_dataset(
     num_classes: int | None,
     multilabel: bool,
     description: str,
+    fingerprint: Callable[[], str] | None = None,
 ) -> Samples:
-    """Wrap an HF ``Dataset`` as :class:`Samples` (labels or captions read column-wise, no decoding)."""
+    """Wrap an HF ``Dataset`` as :class:`Samples` (labels or captions read column-wise, no decoding).
+
+    ``fingerprint``: the stored content's digest (default: :class:`HFFingerprint` of ``dataset``)."""
     columns = list(dataset.features)
     image_column = image_column or _guess_image_column(dataset)
     for col in (image_column, label_column, caption_column):
@@ -138,6 +153,7 @@ def samples_from_dataset(
                 f"Column '{col}' is not in {description} (columns: {columns}). Fix source.*_column in the spec."
             )
     loader = HFImageLoader(dataset, image_column)
+    fingerprint = fingerprint or HFFingerprint(dataset)
     if caption_column:
         captions = []
         for value in dataset[caption_column]:
@@ -146,7 +162,7 @@ def samples_from_dataset(
                 value = [v for v in value.split("\n") if v.strip()]
             captions.append([str(v) for v in value])
         return Samples(loader, len(dataset), captions=captions, ids=[str(i) for i in range(len(dataset))],
-                       description=description)
+                       description=description, fingerprint=fingerprint)
     if not label_column:
         raise ClipbenchError(f"{description}: set source.label_column (or caption_column) in the spec.")
     raw = dataset[label_column]
@@ -159,4 +175,4 @@ def samples_from_dataset(
     else:
         targets = np.asarray(raw, dtype=np.int64)
     return Samples(loader, len(dataset), targets=targets, ids=[str(i) for i in range(len(dataset))],
-                   description=description)
+                   description=description, fingerprint=fingerprint)

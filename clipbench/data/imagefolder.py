@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from clipbench.data.base import IMAGE_EXTENSIONS, FileImageLoader, Samples
+from clipbench.data.base import IMAGE_EXTENSIONS, FileImageLoader, FileStats, Samples, class_key
 from clipbench.data.formats import SourceFormat, register_format
 from clipbench.errors import ClipbenchError
 
@@ -34,13 +34,43 @@ class ImageFolderFormat(SourceFormat):
     @staticmethod
     def read(spec: "DatasetSpec", role: str, root: Path, options: ImageFolderOptions) -> Samples:
         """The split of an image folder at ``root`` (also used for generated data)."""
-        return load_imagefolder(root, str(spec.split(role)), options.class_folders)
+        return load_imagefolder(root, str(spec.split(role)), options.class_folders, spec.classnames)
+
+
+def folder_order(present: Sequence[str], classnames: Sequence[str] | None, split_dir: Path) -> list[str]:
+    """The class folders in class-index order when the spec gives no ``class_folders``.
+
+    Without classnames: sorted folder names. With them, folders map to classes by name (compared
+    with :func:`~clipbench.data.base.class_key`), so folder ``eight`` is class ``eight`` whatever
+    the sort order; folders that are not the class names are refused rather than mapped by sort
+    order, which would silently score one class as another.
+    """
+    if classnames is None:
+        return list(present)
+    keys = {class_key(name): index for index, name in enumerate(classnames)}
+    by_key = {class_key(folder): folder for folder in present}
+    if len(keys) == len(classnames) and len(by_key) == len(present) and set(by_key) == set(keys):
+        return [by_key[class_key(name)] for name in classnames]
+    raise ClipbenchError(
+        f"The class folders of {split_dir} ({_preview(present)}) are not the spec's class names "
+        f"({_preview(classnames)}), so clipbench cannot tell which folder is which class. Folders "
+        "named like the class names (case, '_', '-' and spaces aside) are matched by name; otherwise "
+        "declare the folder of each class in class-index order with source.class_folders (a list or a "
+        "file, one folder name per line, in the order of the classnames)."
+    )
+
+
+def _preview(names: Sequence[str], n: int = 6) -> str:
+    shown = ", ".join(map(repr, names[:n]))
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
 def load_imagefolder(
-    root: Path, split: str, class_folders: Sequence[str] | None = None
+    root: Path, split: str, class_folders: Sequence[str] | None = None,
+    classnames: Sequence[str] | None = None,
 ) -> Samples:
-    """Read ``root/split/<class>/*``; class index = position in ``class_folders`` (else sorted names).
+    """Read ``root/split/<class>/*``; class index = position in ``class_folders``, else the folders
+    matched to ``classnames`` by name (:func:`folder_order`), else sorted folder names.
 
     Files are taken in sorted order within each class, so the sample order is deterministic.
     """
@@ -51,7 +81,7 @@ def load_imagefolder(
             f"{root}/<split>/<class>/<image files>."
         )
     present = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-    folders = list(class_folders) if class_folders is not None else present
+    folders = list(class_folders) if class_folders is not None else folder_order(present, classnames, split_dir)
     unknown = sorted(set(present) - set(folders))
     if unknown:
         raise ClipbenchError(
@@ -75,4 +105,5 @@ def load_imagefolder(
         targets=np.asarray(labels, dtype=np.int64),
         ids=[str(p.relative_to(root)) for p in paths],
         description=f"imagefolder {split_dir}",
+        fingerprint=FileStats(paths, relative_to=root),
     )

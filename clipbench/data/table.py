@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipbench.data.base import FileImageLoader, Samples
+from clipbench.data.base import FileImageLoader, FileStats, Samples
 from clipbench.data.formats import SourceFormat, register_format
 from clipbench.errors import ClipbenchError
 
@@ -125,6 +125,7 @@ def load_table(
             captions=[order[n] for n in names],
             ids=names,
             description=f"table {table}",
+            fingerprint=FileStats([base / n for n in names], relative_to=base),
         )
     names = [str(row[image_column]) for row in rows]
     try:
@@ -147,4 +148,5 @@ def load_table(
         targets=labels,
         ids=names,
         description=f"table {table}",
+        fingerprint=FileStats([base / n for n in names], relative_to=base),
     )

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipbench.data.base import Samples, to_rgb
+from clipbench.data.base import FileStats, Samples, to_rgb
 from clipbench.data.formats import SourceFormat, register_format
 from clipbench.errors import ClipbenchError
 
@@ -103,4 +103,5 @@ def load_torchvision(class_name: str, root: Path, split_kwargs: dict, kwargs: di
         targets=_targets(dataset),
         ids=[str(i) for i in range(len(dataset))],
         description=f"torchvision {class_name}({split_kwargs}) at {root}",
+        fingerprint=FileStats([root], relative_to=root),  # every file the class reads sits under root
     )

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from clipbench.atomic import atomic_open
-from clipbench.data.base import Samples
+from clipbench.data.base import FileStats, Samples, class_key
 from clipbench.data.formats import SourceFormat, register_format
 from clipbench.errors import ClipbenchError
 
@@ -53,11 +52,6 @@ class VideoFormat(SourceFormat):
         root = self.require_local(spec, role, data_root)
         return load_video_split(root, root / str(spec.split(role)), list(spec.classnames or ()),
                                 cache_dir / "video-frames" / spec.name)
-
-
-def class_key(name: str) -> str:
-    """Normalised class key: lower-case letters and digits only."""
-    return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
 def _import_av():
@@ -134,8 +128,9 @@ class MiddleFrameLoader:
 
 
 def _frame_path(cache_dir: Path, relpath: str, video: Path) -> Path:
-    # keyed by path and size, so a replaced video does not reuse a stale frame
-    digest = hashlib.sha256(f"{relpath}\0{video.stat().st_size}".encode()).hexdigest()[:12]
+    # keyed by path, size and mtime, so a replaced video does not reuse a stale frame
+    st = video.stat()
+    digest = hashlib.sha256(f"{relpath}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
     return cache_dir / f"{Path(relpath).stem}-{digest}.png"
 
 
@@ -199,4 +194,5 @@ def load_video_split(root: Path, split_file: Path, classnames: list[str], cache_
         targets=np.asarray(targets, dtype=np.int64),
         ids=ids,
         description=f"video middle frames of {split_file}",
+        fingerprint=FileStats(videos, relative_to=root),
     )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clipbench.data.base import Samples
+from clipbench.data.base import FileStats, Samples
 from clipbench.data.formats import Prompts, SourceFormat, register_format
 from clipbench.data.huggingface import samples_from_dataset
 from clipbench.errors import ClipbenchError
@@ -96,6 +96,8 @@ def load_webdataset(root: Path, split: str, *, num_classes: int | None, multilab
         num_classes=num_classes,
         multilabel=multilabel,
         description=f"webdataset {root / split}",
+        # the shards are the stored content (the Arrow copy is derived from them)
+        fingerprint=FileStats(shards, relative_to=root),
     )
 
 
