@@ -10,12 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_image, write_wds
 from PIL import Image
 
 from clipbench.data import data_status, load_split
 from clipbench.errors import ClipbenchError
 from clipbench.specs import parse_spec
+
+from conftest import make_image, write_wds
 
 FOLDERS = ["a_red", "b_green", "c_blue"]  # the imagefolder fixture's class folders, in label order
 
@@ -279,6 +280,7 @@ def test_retrieval_captions_from_webdataset_and_huggingface(tmp_path):
     import tarfile
 
     import datasets
+
     from conftest import _add_bytes
 
     captions = [["a red one", "red"], ["green thing"], ["blue", "a blue image", "bluish"]]

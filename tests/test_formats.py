@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_wds
 from PIL import Image
 
 from clipbench.data import (
@@ -24,6 +23,8 @@ from clipbench.data import (
 )
 from clipbench.errors import ClipbenchError
 from clipbench.specs import parse_spec
+
+from conftest import write_wds
 
 BUILT_IN = ["huggingface", "imagefolder", "synthetic", "table", "torchvision", "video", "webdataset"]
 

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-from conftest import gaussian_mixture, reference_protocol
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, roc_auc_score
 
@@ -17,6 +16,8 @@ from clipbench.tasks.linear_probe import (
     sample_few_shot,
     stratified_val_split,
 )
+
+from conftest import gaussian_mixture, reference_protocol
 
 DECADES = [-6, -4, -2, 0, 2, 4, 6]
 

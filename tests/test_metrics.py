@@ -5,10 +5,11 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import reference_ap_11point
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score, top_k_accuracy_score
 
 from clipbench import metrics
+
+from conftest import reference_ap_11point
 
 
 @pytest.fixture

@@ -21,12 +21,13 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import reference_ap_11point, reference_protocol, reference_sweep, write_imagefolder
 from PIL import Image
 from sklearn.metrics import accuracy_score
 
 from clipbench.cli import main
 from clipbench.tasks.linear_probe import sample_few_shot, stratified_val_split
+
+from conftest import reference_ap_11point, reference_protocol, reference_sweep, write_imagefolder
 
 ARCH = "ViT-S-32-alt"
 FOLDERS = ("a_red", "b_green", "c_blue")  # the imagefolder fixture's classes, in label order

@@ -3,11 +3,12 @@ count or the BLAS thread count (clipbench.tasks.linear_probe, module docstring).
 
 import numpy as np
 import pytest
-from conftest import gaussian_mixture
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from clipbench.tasks.linear_probe import linear_probe
+
+from conftest import gaussian_mixture
 
 
 def _probe(x, y, n, jobs, threads, **kwargs):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import gaussian_mixture as _gaussian_mixture
 from scipy.special import logsumexp
 from sklearn.linear_model import LogisticRegression
 
 from clipbench.tasks import torch_logreg
+
+from conftest import gaussian_mixture as _gaussian_mixture
 
 
 def gaussian_mixture(*args, **kwargs):
