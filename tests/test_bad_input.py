@@ -58,6 +58,7 @@ def test_a_spec_that_is_a_directory_or_binary_is_one_clear_error(capsys, tmp_pat
     assert code == 2 and message in err and str(spec) in err
 
 
+@pytest.mark.slow
 def test_a_templates_file_without_placeholder_fails_that_task_only(capsys, tmp_path):
     bad = tmp_path / "t.txt"
     bad.write_text("a photo\n")

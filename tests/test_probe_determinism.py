@@ -18,6 +18,7 @@ def _probe(x, y, n, jobs, threads, **kwargs):
                             n_jobs=jobs, **kwargs)
 
 
+@pytest.mark.slow
 def test_probe_is_bit_identical_across_jobs_and_blas_threads():
     # Measured before the fix on this problem (2-core machine, OpenBLAS 0.3): the chosen C and the
     # predictions agreed, but the test decision scores differed in the last bits (max |diff|
