@@ -80,6 +80,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="linear-probe solver: scikit-learn (the paper's, default) or torch L-BFGS (GPU)")
     run.add_argument("--probe-features", choices=PROBE_FEATURES, default=default("probe_features"),
                      help="image features for linear probes (the paper: before the projection)")
+    run.add_argument("--probe-jobs", type=int, default=default("probe_jobs"),
+                     help="threads fitting sweep points in parallel (speed only: the sklearn probe's "
+                          "numbers do not depend on it)")
     run.add_argument("--few-shot", type=_int_list, default=None, metavar="K,K,...",
                      help="also run few-shot probes with these shots per class (default when few_shot "
                           f"runs: {','.join(map(str, default('few_shot_k')))})")
@@ -125,7 +128,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         data_root=args.data_root, output=args.output, cache_dir=args.cache_dir, batch_size=args.batch_size,
         workers=args.workers, device=args.device, precision=args.precision, seed=args.seed,
         force=args.force, allow_download=not args.no_download, probe_solver=args.probe_solver,
-        probe_features=args.probe_features, few_shot_k=args.few_shot or RunConfig.default("few_shot_k"),
+        probe_features=args.probe_features, probe_jobs=args.probe_jobs,
+        few_shot_k=args.few_shot or RunConfig.default("few_shot_k"),
         few_shot_seeds=args.few_shot_seeds, recall_k=args.recall_k, n_bootstrap=args.bootstrap,
         templates_file=args.templates, classnames_file=args.classnames,
     )

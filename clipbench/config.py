@@ -56,7 +56,7 @@ class RunConfig:
     allow_download: bool = True
     probe_solver: str = "sklearn"
     probe_features: str = "pre_projection"
-    #: joblib processes for the probes' sweep points; changes speed only (sklearn solver: the
+    #: threads for the probes' sweep points; changes speed only (sklearn solver: the
     #: numbers are bit-identical for any job or BLAS thread count, tasks/linear_probe.py)
     probe_jobs: int = field(default_factory=lambda: min(7, os.cpu_count() or 1))
     few_shot_k: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
@@ -130,6 +130,7 @@ class RunConfig:
              f"one of {', '.join(PROBE_SOLVERS)}"),
             ("--probe-features", self.probe_features, self.probe_features in PROBE_FEATURES,
              f"one of {', '.join(PROBE_FEATURES)}"),
+            ("--probe-jobs", self.probe_jobs, self.probe_jobs >= 1, "an integer >= 1"),
         ]
         if self.text_batch_size is not None:
             checks.append(("text_batch_size", self.text_batch_size, self.text_batch_size >= 1, "an integer >= 1"))

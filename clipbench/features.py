@@ -79,10 +79,12 @@ class FeatureCache:
         if self.root is None:
             return
         path = self._path(kind, key)
-        with atomic_open(path, "wb") as f:
-            np.savez(f, **arrays)
+        # metadata first: an entry's arrays never exist without it (a kill in between leaves
+        # only the small .json, which the next save of the entry overwrites)
         with atomic_open(path.with_suffix(".json"), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True, default=str)
+        with atomic_open(path, "wb") as f:
+            np.savez(f, **arrays)
 
 
 def image_cache_key(model: Any, spec: Any, role: str, samples: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from clipbench import results
+from clipbench.atomic import remove_stale_temporaries
 from clipbench.config import RunConfig
 from clipbench.data import Samples, load_split, source_prompts
 from clipbench.errors import ClipbenchError
@@ -191,10 +192,11 @@ class Evaluator:
         for role in needs.roles:
             if role != "test" and spec.split(role) is None:
                 continue  # e.g. no val split: the task carves one from train
+            held = (spec.name, role) in self._current  # encoded (or read) for an earlier task
             feats, samples = self.split_features(spec, role)
             images[role] = FeatureSplit(feats.projected, feats.pre_projection, feats.targets,
                                         feats.pre_projection_kind)
-            feature_seconds += feats.seconds
+            feature_seconds += 0.0 if held else feats.seconds  # what this record spent
             test_samples = samples if role == "test" else test_samples
         t1 = time.perf_counter()
         class_prompts = captions = None
@@ -264,6 +266,7 @@ def run(config: RunConfig) -> RunResult:
         raise ClipbenchError(f"No datasets matched {config.datasets}; `clipbench datasets` lists them.")
     for flag, directory in (("--output", config.output), ("--cache-dir", config.cache_dir)):
         results.ensure_writable(directory, flag)
+        remove_stale_temporaries(Path(directory))
     # torchrun / srun: rank 0 runs the pipeline, the other ranks encode shards of its splits.
     dist_ctx = DistContext.from_env(config.device)
     outcome = RunResult()

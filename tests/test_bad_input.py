@@ -20,6 +20,7 @@ def run(capsys, *args: str) -> tuple[int, str]:
     (["--few-shot-seeds", "0"], "--few-shot-seeds 0 is invalid"),
     (["--few-shot", "0,1"], "--few-shot [0, 1] is invalid"),
     (["--recall-k", "0"], "--recall-k [0] is invalid"),
+    (["--probe-jobs", "0"], "--probe-jobs 0 is invalid: expected an integer >= 1"),
     (["--tasks", ","], "--tasks names no task"),
     (["--tasks", "zeroshots"], "unknown task 'zeroshots' (did you mean zeroshot?)"),
 ])

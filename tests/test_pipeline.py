@@ -75,6 +75,21 @@ def test_second_run_uses_the_cache_and_recomputes_nothing(model, spec_file, tmp_
     assert reused[0].created == again[0].created
 
 
+def test_feature_seconds_count_only_the_splits_a_record_encoded(model, spec_file, tmp_path):
+    from clipbench.features import encode_image_batches
+
+    def slow_test_split(model, samples, *, spec, role, **kwargs):
+        if role == "test":
+            time.sleep(1.0)
+        return encode_image_batches(model, samples, **kwargs)
+
+    spec = specs.load_spec(str(spec_file))
+    evaluator = Evaluator(model, config_for(tmp_path, tasks=["zeroshot", "linear_probe"]), encoder=slow_test_split)
+    zeroshot, probe = evaluator.run([spec])
+    assert zeroshot.seconds["features"] >= 1.0  # it encoded the test split
+    assert probe.seconds["features"] < 1.0  # train only: the test split was the zero-shot record's
+
+
 def test_cache_key_changes_with_every_part_that_changes_features(model, spec_file, imagefolder_root, tmp_path):
     from clipbench.data import load_split
 

@@ -16,7 +16,6 @@ import json
 import math
 from pathlib import Path
 
-import joblib
 import numpy as np
 import open_clip
 import pytest
@@ -34,14 +33,6 @@ FOLDERS = ("a_red", "b_green", "c_blue")  # the imagefolder fixture's classes, i
 PROMPTS = {"classnames": ["red", "green", "blue"], "templates": ["a photo of a {c}.", "a {c} picture."]}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(autouse=True)
-def probe_fits_in_threads():
-    """The probe's sweep points run in joblib threads instead of new processes: on tiny problems
-    starting the worker processes costs more than the fits (the numbers do not depend on it)."""
-    with joblib.parallel_config(backend="threading"):
-        yield
 
 
 @pytest.fixture(scope="module")

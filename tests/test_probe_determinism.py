@@ -1,6 +1,8 @@
 """The linear probe's result is a function of the data and the settings only, not of the job
 count or the BLAS thread count (clipbench.tasks.linear_probe, module docstring)."""
 
+import os
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -60,3 +62,29 @@ def test_fits_stopped_by_max_iter_are_listed():
     assert set(conv["n_iter"].values()) == {1}
     assert conv["max_iter_reached"] == list(conv["n_iter"])
     assert conv["final"] == {"n_iter": 1, "max_iter_reached": True}
+
+
+def _child_pids() -> set[int]:
+    children = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    # field 4 is the parent pid; the command name (field 2) may contain spaces
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == os.getpid():
+                children.add(int(entry))
+    return children
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
+def test_parallel_sweep_leaves_no_worker_process_behind():
+    # Worker processes outlived the probe (and, killed parents, stayed blocked for an hour);
+    # the sweep's workers are threads of this process, so nothing can be left behind.
+    before = _child_pids()
+    x, y = gaussian_mixture(300, 16, 3, 0.5, seed=1)
+    result = _probe(x, y, 100, 4, 1)
+    assert 0 < result.metrics["accuracy"] <= 1
+    assert _child_pids() - before == set()

@@ -10,6 +10,8 @@ import pytest
 
 from clipbench import results
 
+from conftest import COLOURS_SPEC
+
 
 def make_record(**overrides) -> results.Record:
     fields = dict(model="ViT-B/32", pretrained="openai", dataset="cifar10", task="zeroshot", split="test",
@@ -57,3 +59,39 @@ def test_unreadable_record_counts_as_missing(tmp_path):
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
     assert results.existing_record(tmp_path, "m", "p", "d", "zeroshot") is None
+
+
+def test_stale_temporaries_of_interrupted_writes_are_removed_and_live_ones_kept(tmp_path):
+    from clipbench.atomic import STALE_AFTER_S, remove_stale_temporaries
+
+    (tmp_path / "m" / "d").mkdir(parents=True)
+    stale = tmp_path / "m" / "d" / ".zeroshot.json.ab3_x9zq.tmp"
+    fresh = tmp_path / "m" / "d" / ".zeroshot.json.k2jd81mm.tmp"
+    other = tmp_path / "m" / "d" / ".notes.tmp"  # not a name atomic_open makes
+    for path in (stale, fresh, other):
+        path.write_text("{")
+    old = os.stat(stale).st_mtime - STALE_AFTER_S - 1
+    for path in (stale, other):
+        os.utime(path, (old, old))
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert not stale.exists() and fresh.exists() and other.exists()
+
+
+def test_a_run_clears_stale_temporaries_from_output_and_feature_cache(tmp_path):
+    from clipbench.atomic import STALE_AFTER_S
+    from clipbench.config import RunConfig
+    from clipbench.pipeline import run
+
+    left = [tmp_path / "out" / "m" / ".zeroshot.json.aaaaaaaa.tmp",
+            tmp_path / "cache" / "features" / "image" / "ab" / ".abcd.npz.bbbbbbbb.tmp"]
+    for path in left:
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"PK")
+        old = os.stat(path).st_mtime - STALE_AFTER_S - 1
+        os.utime(path, (old, old))
+    spec = tmp_path / "colours.yaml"  # its data is missing: the run fails after cleaning up
+    spec.write_text(COLOURS_SPEC.format(root=tmp_path / "absent"))
+    outcome = run(RunConfig(model="clipbench-tiny", datasets=[str(spec)], tasks=["zeroshot"],
+                            output=tmp_path / "out", cache_dir=tmp_path / "cache"))
+    assert not outcome.records and "absent" in outcome.failures[0][2]
+    assert [p.exists() for p in left] == [False, False]

@@ -69,7 +69,7 @@ class Captions:
 class TaskInputs:
     """Everything a task computes from. ``spec`` is the dataset spec (data: metric, classes, ...);
     ``settings`` is the task's own :meth:`Task.settings` of the run. ``device`` (torch math) and
-    ``jobs`` (worker processes) say where to compute; they must not change a number."""
+    ``jobs`` (probe sweep threads) say where to compute; they must not change a number."""
 
     spec: Any
     settings: dict[str, Any]

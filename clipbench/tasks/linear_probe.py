@@ -18,7 +18,7 @@ Choices this module makes, where the paper says nothing:
 * Multi-label datasets (VOC2007): one binary logistic regression per class (one-vs-rest), all with
   the same ``C``; a class whose training column is constant gets constant score 0.
 * Warm starts: the 7 initial decade points start from zero and run in parallel (``n_jobs``
-  processes, scikit-learn solver only); every later sweep point starts from the solution at the
+  threads, scikit-learn solver only); every later sweep point starts from the solution at the
   best ``C`` found so far (a function of the scores, not of the order fits finish), and the final
   refit on train + validation starts from the sweep's solution at the chosen ``C``.
 
@@ -26,12 +26,13 @@ Determinism guaranteed (scikit-learn solver): for the same features, labels and 
 machine and one installation (numpy, scipy, scikit-learn and their BLAS), the chosen ``C``, every
 sweep score, every fit's iteration count and the test decision scores are bit-identical whatever
 ``n_jobs`` and however many BLAS/OpenMP threads the process has. How: every fit and every scoring
-product runs with BLAS and OpenMP limited to one thread (``threadpoolctl``), in this process or in
-a joblib worker alike. A multi-threaded BLAS splits the sums of ``X.T @ G`` differently per thread
-count; the last-bit differences change the iterate at which L-BFGS meets ``tol=1e-4`` (far from the
-optimum at weak regularization), which moved test predictions (one dataset: 413, 416 and 412 of 540
-correct for 2 jobs, 1 job, 1 job with one BLAS thread). The price is single-threaded BLAS inside
-each fit: parallelism comes from ``n_jobs`` (sweep points) only. Not guaranteed: equality across
+product runs with BLAS and OpenMP limited to one thread (``threadpoolctl``), held by the calling
+thread around the whole sweep, so the sweep's worker threads run under it too. A multi-threaded
+BLAS splits the sums of ``X.T @ G`` differently per thread count; the last-bit differences change
+the iterate at which L-BFGS meets ``tol=1e-4`` (far from the optimum at weak regularization),
+which moved test predictions (one dataset: 413, 416 and 412 of 540 correct for 2 jobs, 1 job,
+1 job with one BLAS thread). The price is single-threaded BLAS inside each fit: parallelism comes
+from ``n_jobs`` (sweep threads) only. Not guaranteed: equality across
 machines or library builds (another CPU's BLAS kernels round differently), nor for
 ``solver="torch"`` (torch's own thread pool and GPU kernels choose their reduction order).
 """
@@ -42,6 +43,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -124,15 +126,14 @@ def c_sweep(fit_score: Callable[[float], float], *, n_jobs: int | None = None) -
     Args:
         fit_score: maps C to a validation score (higher is better), e.g. fit a classifier with C
             and return its validation accuracy. Must be deterministic.
-        n_jobs: joblib workers for the independent evaluations (the 7 initial points, then each
-            pair of midpoints); None or 1 evaluates in this process. With more than one worker,
-            ``fit_score`` must be picklable by joblib (cloudpickle handles closures).
+        n_jobs: threads for the independent evaluations (the 7 initial points, then each pair of
+            midpoints); None or 1 evaluates one at a time. ``fit_score`` must be thread-safe.
 
     Returns:
         ``(C, sweep)``: the chosen C and ``{C: score}`` for every evaluated C, in evaluation order.
     """
     def evaluate(ks: list[int], _best_k: int | None) -> list[float]:
-        return Parallel(n_jobs=n_jobs)(delayed(fit_score)(_c_value(k)) for k in ks)
+        return Parallel(n_jobs=n_jobs, backend="threading")(delayed(fit_score)(_c_value(k)) for k in ks)
 
     best_k, scores = _parametric_search(evaluate)
     return _c_value(best_k), {_c_value(k): s for k, s in scores.items()}
@@ -267,13 +268,16 @@ class _Solver:
         n_iter = int(model.n_iter_.max())
         return _Linear(model.coef_, model.intercept_, model.classes_, n_iter, n_iter >= self.max_iter)
 
-    def fit(self, X: np.ndarray, y: np.ndarray, C: float, init: _Linear | None, multilabel: bool) -> _Linear:
-        if self.name == "torch":  # torch has its own thread pool; see the module docstring
-            return self._fit(X, y, C, init, multilabel)
-        with threadpool_limits(limits=1):  # bit-identical whatever the thread count (module docstring)
-            return self._fit(X, y, C, init, multilabel)
+    def one_blas_thread(self) -> AbstractContextManager:
+        """Held around every fit and scoring product of a probe (module docstring: determinism).
 
-    def _fit(self, X: np.ndarray, y: np.ndarray, C: float, init: _Linear | None, multilabel: bool) -> _Linear:
+        Entered once, in the calling thread, around a whole sweep: threadpoolctl's limits are
+        process-wide, so per-fit limits in concurrent sweep threads would restore each other's."""
+        if self.name == "torch":  # torch has its own thread pool; see the module docstring
+            return nullcontext()
+        return threadpool_limits(limits=1)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, C: float, init: _Linear | None, multilabel: bool) -> _Linear:
         if not multilabel:
             return self.fit_binary_or_multinomial(X, y, C, init)
         rows = []
@@ -297,11 +301,10 @@ def _scores(model: _Linear, X: np.ndarray, num_classes: int, multilabel: bool) -
     """(N, num_classes) float64 decision scores of ``model`` on ``X``.
 
     Binary: columns (0, z), so softmax gives sklearn's predict_proba and argmax its predict.
-    A class absent from the training labels scores below every other class of its row. The product
-    runs on one BLAS thread, so the scores do not depend on the thread count either.
+    A class absent from the training labels scores below every other class of its row. Callers
+    hold :meth:`_Solver.one_blas_thread`, so the scores do not depend on the thread count either.
     """
-    with threadpool_limits(limits=1):
-        logits = X @ model.coef.T + model.intercept
+    logits = X @ model.coef.T + model.intercept
     if multilabel:
         return logits
     if model.classes.size == 2 and logits.shape[1] == 1:
@@ -327,8 +330,10 @@ def _sweep(
 ) -> tuple[int, dict[int, float], dict[int, _Linear]]:
     """Run :func:`_parametric_search` with warm starts; returns (best k, scores, models by k)."""
     models: dict[int, _Linear] = {}
-    # torch fits run in this process: a GPU (or torch's own CPU threads) parallelizes each fit
-    parallel = Parallel(n_jobs=1 if solver.name == "torch" else n_jobs)
+    # torch fits run one at a time: a GPU (or torch's own CPU threads) parallelizes each fit.
+    # Threads, not processes: the fits spend their time in BLAS and Cython loss code that release
+    # the GIL, and threads share the features without copies and cannot outlive the run.
+    parallel = Parallel(n_jobs=1 if solver.name == "torch" else n_jobs, backend="threading")
 
     def evaluate(ks: list[int], best_k: int | None) -> list[float]:
         init = None if best_k is None else models[best_k]
@@ -342,7 +347,8 @@ def _sweep(
                 log.warning("L-BFGS reached max_iter=%d at C=%g; using the last iterate", solver.max_iter, _c_value(k))
         return [score for score, _ in results]
 
-    best_k, scores = _parametric_search(evaluate)
+    with solver.one_blas_thread():
+        best_k, scores = _parametric_search(evaluate)
     return best_k, scores, models
 
 
@@ -459,8 +465,8 @@ def linear_probe(
             same objective, runs on ``device``).
         device: torch device for ``solver="torch"``.
         max_iter: L-BFGS iteration limit (the paper: 1000).
-        n_jobs: joblib processes for independent sweep points (scikit-learn solver only; None
-            follows ``joblib.parallel_config``, i.e. 1 unless set).
+        n_jobs: threads for independent sweep points (scikit-learn solver only; None or 1: one
+            at a time).
         num_classes: number of classes C (score columns); default max label + 1 over all splits.
 
     Returns:
@@ -480,12 +486,13 @@ def linear_probe(
     C = _c_value(best_k)
     log.info("linear probe: chose C=%g (validation %s=%.4f) after %d fits", C, primary_metric, scores[best_k], len(scores))
 
-    final = fitter.fit(
-        np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), C, models[best_k], multilabel
-    )
+    with fitter.one_blas_thread():
+        final = fitter.fit(
+            np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), C, models[best_k], multilabel
+        )
+        test_scores = _scores(final, test_x, num_classes, multilabel)
     if final.max_iter_reached:
         log.warning("L-BFGS reached max_iter=%d in the final fit (C=%g); using the last iterate", max_iter, C)
-    test_scores = _scores(final, test_x, num_classes, multilabel)
     return ProbeResult(
         metrics=classification_metrics(test_scores, test_y, primary_metric, multilabel),
         primary_metric=primary_metric,
@@ -616,7 +623,8 @@ def few_shot(
             best_k, _, models = _sweep(
                 fitter, train_x[shots], train_y[shots], val_x, val_y, False, num_classes, primary_metric, n_jobs
             )
-            test_scores = _scores(models[best_k], test_x, num_classes, False)
+            with fitter.one_blas_thread():
+                test_scores = _scores(models[best_k], test_x, num_classes, False)
             scores.append(compute_metric(primary_metric, test_scores, test_y))
             chosen.append(_c_value(best_k))
             shot_sets.append(shots)
