@@ -19,9 +19,9 @@ from clipbench.data.base import to_rgb
 from clipbench.data.tar_index import index_shard, scan_shard
 from clipbench.data.webdataset import INDEX_DIR, load_webdataset
 from clipbench.errors import ClipbenchError
+from clipbench.specs import parse_spec
 
 from conftest import _add_bytes, make_image
-from test_data import spec_for
 
 
 def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -148,7 +148,9 @@ def test_index_is_cached_under_the_cache_dir_and_nothing_is_written_elsewhere(tm
     (root / "test").mkdir(parents=True)
     labels = classification_shards(root)
     before = sorted(p for p in data.rglob("*"))
-    spec = spec_for({"type": "webdataset", "path": "clip-benchmark/wds_fx"}, {"test": "test"}, name="wds")
+    spec = parse_spec({"name": "wds", "title": "wds", "tasks": ["zeroshot"], "primary_metric": "accuracy",
+                       "num_classes": 3, "source": {"type": "webdataset", "path": "clip-benchmark/wds_fx"},
+                       "splits": {"test": "test"}}, tmp_path / "wds.yaml")
     cache = tmp_path / "cache"
     samples = load_split(spec, "test", data, cache)
     assert samples.targets.tolist() == labels
