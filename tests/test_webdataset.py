@@ -239,7 +239,10 @@ def test_bad_shard_is_a_clear_error_naming_the_shard(case, tmp_path):
 
 
 BAD_SAMPLES = {
-    "no image member": ([("k0.cls", b"0"), ("k0.txt", b"hi")], "has no image member"),
+    "no image member": ([("k0.cls", b"0"), ("k0.txt", b"hi")],
+                        "has no image member (webp, jpg, jpeg, png; it has ['cls', 'txt'])"),
+    "image with an upper-case extension": ([("k0.JPG", encoded(make_image(0, 0), "JPEG")), ("k0.cls", b"0")],
+                                           "it has ['JPG', 'cls']"),
     "no label member": ([("k0.png", encoded(make_image(0, 0), "PNG"))], "has no 'cls' member"),
     "label not an integer": ([("k0.png", encoded(make_image(0, 0), "PNG")), ("k0.cls", b"cat")],
                              "has 'cls' = 'cat', not an integer"),
@@ -292,3 +295,19 @@ def test_scan_lists_members_by_offset_and_size(tmp_path):
     offset, size = first.members["b.jpg"]
     assert size == 1500 and shard.read_bytes()[offset:offset + size] == payload
     assert second.key == "c" and second.members["jpg"][1] == 2 and second.text == {}
+
+
+def test_multilabel_json_members_match_the_hugging_face_builder(tmp_path):
+    root = tmp_path / "ml"
+    labels = [[0, 2], [1], [], [2]]
+    members = []
+    for i, ys in enumerate(labels):
+        members += [(f"{i:03d}.png", encoded(make_image(i, i), "PNG")), (f"{i:03d}.json", str(ys).encode())]
+    write_tar(root / "test" / "0.tar", members)
+    samples = load_webdataset(root, "test", num_classes=3, multilabel=True, label_column="json", caption_column=None)
+    ref = reference(root, "test", tmp_path / "hf")
+    expected = np.zeros((len(ref), 3), dtype=np.uint8)
+    for i, ys in enumerate(ref["json"]):
+        expected[i, ys] = 1
+    assert samples.targets.dtype == np.uint8 and np.array_equal(samples.targets, expected)
+    assert samples.targets.tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0], [0, 0, 1]]

@@ -96,20 +96,28 @@ def load_webdataset(root: Path, split: str, *, num_classes: int | None, multilab
     shards = shard_files(root, split)
     if not shards:
         raise ClipbenchError(f"No webdataset shards ({root / split}/*.tar) found.")
+    field = caption_column or label_column
+    if not field:
+        raise ClipbenchError(f"webdataset {root / split}: set source.label_column (or caption_column) in the spec.")
+    if multilabel and num_classes is None and not caption_column:
+        raise ClipbenchError(f"webdataset {root / split}: a multi-label dataset needs num_classes.")
     shard_of, offsets, sizes, names, values = [], [], [], [], []
-    field = label_column or caption_column
     for number, shard in enumerate(shards):
         for sample in index_shard(shard, index_dir):
             image = next((f for f in _IMAGE_FIELDS if f in sample.members), None)
             if image is None:
-                raise _bad_sample(shard, sample.key, f"has no image member ({', '.join(_IMAGE_FIELDS)})")
+                raise _bad_sample(shard, sample.key, f"has no image member ({', '.join(_IMAGE_FIELDS)}; "
+                                                      f"it has {sorted(sample.members)})")
+            value = _member_value(shard, sample, field)
+            problem = None if caption_column else _label_problem(value, num_classes, multilabel)
+            if problem:
+                raise _bad_sample(shard, sample.key, problem)
             offset, size = sample.members[image]
             shard_of.append(number)
             offsets.append(offset)
             sizes.append(size)
             names.append(f"{sample.key}.{image}")
-            if field:
-                values.append(_member_value(shard, sample, field))
+            values.append(value)
     loader = ShardImageLoader([str(s) for s in shards], shard_of, offsets, sizes, names)
     n = len(names)
     common = dict(ids=[str(i) for i in range(n)], description=f"webdataset {root / split}",
@@ -118,9 +126,13 @@ def load_webdataset(root: Path, split: str, *, num_classes: int | None, multilab
         # clip_benchmark's mirrors store an image's captions in one text member, one per line
         captions = [[v for v in str(value).split("\n") if v.strip()] for value in values]
         return Samples(loader, n, captions=captions, **common)
-    if not label_column:
-        raise ClipbenchError(f"webdataset {root / split}: set source.label_column (or caption_column) in the spec.")
-    return Samples(loader, n, targets=_targets(values, shards, shard_of, names, num_classes, multilabel), **common)
+    if multilabel:
+        targets = np.zeros((n, num_classes), dtype=np.uint8)
+        for i, value in enumerate(values):
+            targets[i, [value] if isinstance(value, int) else value] = 1
+    else:
+        targets = np.asarray(values, dtype=np.int64)
+    return Samples(loader, n, targets=targets, **common)
 
 
 def _bad_sample(shard: Path, key: str, problem: str) -> ClipbenchError:
@@ -151,27 +163,22 @@ def _member_value(shard: Path, sample: ShardSample, field: str) -> Any:
     return text
 
 
-def _targets(values: list[Any], shards: list[Path], shard_of: list[int], names: list[str],
-             num_classes: int | None, multilabel: bool) -> np.ndarray:
-    def bad(i: int, problem: str) -> ClipbenchError:
-        return _bad_sample(shards[shard_of[i]], names[i].rsplit(".", 1)[0], problem)
+def _is_index(value: Any, num_classes: int | None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0 and (
+        num_classes is None or value < num_classes)
 
+
+def _label_problem(value: Any, num_classes: int | None, multilabel: bool) -> str | None:
+    """What is wrong with a sample's label, or None."""
+    classes = f"[0, {num_classes})" if num_classes is not None else "[0, ...)"
     if multilabel:
-        if num_classes is None:
-            raise ClipbenchError(f"webdataset {shards[0].parent}: a multi-label dataset needs num_classes.")
-        targets = np.zeros((len(values), num_classes), dtype=np.uint8)
-        for i, value in enumerate(values):
-            labels = [value] if isinstance(value, int) else value
-            if not isinstance(labels, list) or not all(isinstance(y, int) and 0 <= y < num_classes for y in labels):
-                raise bad(i, f"has labels {value!r}, not class indices in [0, {num_classes})")
-            targets[i, labels] = 1
-        return targets
-    for i, value in enumerate(values):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise bad(i, f"has label {value!r}, not an integer class index")
-        if value < 0 or (num_classes is not None and value >= num_classes):
-            raise bad(i, f"has label {value}, outside the spec's classes [0, {num_classes})")
-    return np.asarray(values, dtype=np.int64)
+        labels = [value] if isinstance(value, int) else value
+        if isinstance(labels, list) and all(_is_index(y, num_classes) for y in labels):
+            return None
+        return f"has labels {value!r}, not class indices in {classes}"
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"has label {value!r}, not an integer class index"
+    return None if _is_index(value, num_classes) else f"has label {value}, outside the spec's classes {classes}"
 
 
 class ShardImageLoader:
