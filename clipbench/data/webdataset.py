@@ -9,7 +9,7 @@ Layout (local folder, or a hub id such as ``clip-benchmark/wds_cifar10`` downloa
 
 Shards are read in place: each is indexed once with ``tarfile`` (:mod:`clipbench.data.tar_index`;
 the index is cached under ``<cache-dir>/webdataset-index/``) and images are read by offset and size, so
-nothing is copied or written outside the cache dir. ``.cls`` -> int, ``.json`` -> JSON, ``.txt`` -> str,
+nothing is copied and nothing is written outside the cache dir. ``.cls`` -> int, ``.json`` -> JSON, ``.txt`` -> str,
 as the Hugging Face ``webdataset`` builder decodes them; samples come in the same order.
 """
 
