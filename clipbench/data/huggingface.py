@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -140,11 +140,8 @@ def samples_from_dataset(
     num_classes: int | None,
     multilabel: bool,
     description: str,
-    fingerprint: Callable[[], str] | None = None,
 ) -> Samples:
-    """Wrap an HF ``Dataset`` as :class:`Samples` (labels or captions read column-wise, no decoding).
-
-    ``fingerprint``: the stored content's digest (default: :class:`HFFingerprint` of ``dataset``)."""
+    """Wrap an HF ``Dataset`` as :class:`Samples` (labels or captions read column-wise, no decoding)."""
     columns = list(dataset.features)
     image_column = image_column or _guess_image_column(dataset)
     for col in (image_column, label_column, caption_column):
@@ -153,7 +150,7 @@ def samples_from_dataset(
                 f"Column '{col}' is not in {description} (columns: {columns}). Fix source.*_column in the spec."
             )
     loader = HFImageLoader(dataset, image_column)
-    fingerprint = fingerprint or HFFingerprint(dataset)
+    fingerprint = HFFingerprint(dataset)
     if caption_column:
         captions = []
         for value in dataset[caption_column]:

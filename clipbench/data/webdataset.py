@@ -7,25 +7,36 @@ Layout (local folder, or a hub id such as ``clip-benchmark/wds_cifar10`` downloa
     <root>/zeroshot_classification_templates.txt   # one template per line, {c} placeholder
     <root>/<split>/*.tar                           # shards: <key>.<webp|jpg|png>, <key>.cls, <key>.txt
 
-Shards are read with the Hugging Face ``webdataset`` builder (``.cls`` -> int, ``.txt`` -> str).
+Shards are read in place: each is indexed once with ``tarfile`` (:mod:`clipbench.data.tar_index`;
+the index is cached under ``<cache-dir>/webdataset-index/``) and images are read by offset and size, so
+nothing is copied and nothing is written outside the cache dir. ``.cls`` -> int, ``.json`` -> JSON, ``.txt`` -> str,
+as the Hugging Face ``webdataset`` builder decodes them; samples come in the same order.
 """
 
 from __future__ import annotations
 
+import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from clipbench.data.base import FileStats, Samples
+import numpy as np
+from PIL import ExifTags, Image, ImageOps
+
+from clipbench.data.base import FileStats, Samples, to_rgb
 from clipbench.data.formats import Prompts, SourceFormat, register_format
-from clipbench.data.huggingface import samples_from_dataset
+from clipbench.data.tar_index import TEXT_EXTENSIONS, ShardSample, index_shard
 from clipbench.errors import ClipbenchError
 
 if TYPE_CHECKING:
     from clipbench.specs import DatasetSpec
 
 _IMAGE_FIELDS = ("webp", "jpg", "jpeg", "png")
+_INT_FIELDS = ("cls", "cls2", "index", "inx", "id")  # the HF builder's decoders
+_JSON_FIELDS = ("json", "jsn")
 TEMPLATES_ORIGIN = "zeroshot_classification_templates.txt of the webdataset"
+INDEX_DIR = "webdataset-index"  # under the cache dir
 
 
 @dataclass(frozen=True)
@@ -61,7 +72,8 @@ class WebDatasetFormat(SourceFormat):
         return load_webdataset(root, str(spec.split(role)), num_classes=spec.num_classes,
                                multilabel=spec.multilabel,
                                label_column=None if spec.is_retrieval else options.label_column,
-                               caption_column=options.caption_column if spec.is_retrieval else None)
+                               caption_column=options.caption_column if spec.is_retrieval else None,
+                               index_dir=cache_dir / INDEX_DIR)
 
     def prompts(self, spec: "DatasetSpec", data_root: Path) -> Prompts:
         root = self.locate(spec, data_root)
@@ -76,29 +88,130 @@ def shard_files(root: Path, split: str) -> list[Path]:
 
 
 def load_webdataset(root: Path, split: str, *, num_classes: int | None, multilabel: bool,
-                    label_column: str | None, caption_column: str | None) -> Samples:
-    import datasets
-
+                    label_column: str | None, caption_column: str | None,
+                    index_dir: Path | None = None) -> Samples:
+    """The samples of ``<root>/<split>/*.tar``, in shard order (sorted names) then member order, with
+    row numbers as ids, as the Hugging Face ``webdataset`` builder lists them. ``index_dir``: where the
+    shard indexes are cached (None: scan every time)."""
     shards = shard_files(root, split)
     if not shards:
         raise ClipbenchError(f"No webdataset shards ({root / split}/*.tar) found.")
-    dataset = datasets.load_dataset(
-        "webdataset", data_files={split: [str(s) for s in shards]}, split=split
+    field = caption_column or label_column
+    if not field:
+        raise ClipbenchError(f"webdataset {root / split}: set source.label_column (or caption_column) in the spec.")
+    if multilabel and num_classes is None and not caption_column:
+        raise ClipbenchError(f"webdataset {root / split}: a multi-label dataset needs num_classes.")
+    shard_of, offsets, sizes, names, values = [], [], [], [], []
+    for number, shard in enumerate(shards):
+        for sample in index_shard(shard, index_dir):
+            image = next((f for f in _IMAGE_FIELDS if f in sample.members), None)
+            if image is None:
+                raise _bad_sample(shard, sample.key, f"has no image member ({', '.join(_IMAGE_FIELDS)}; "
+                                                      f"it has {sorted(sample.members)})")
+            value = _member_value(shard, sample, field)
+            problem = None if caption_column else _label_problem(value, num_classes, multilabel)
+            if problem:
+                raise _bad_sample(shard, sample.key, problem)
+            offset, size = sample.members[image]
+            shard_of.append(number)
+            offsets.append(offset)
+            sizes.append(size)
+            names.append(f"{sample.key}.{image}")
+            values.append(value)
+    loader = ShardImageLoader([str(s) for s in shards], shard_of, offsets, sizes, names)
+    n = len(names)
+    common = dict(ids=[str(i) for i in range(n)], description=f"webdataset {root / split}",
+                  fingerprint=FileStats(shards, relative_to=root))
+    if caption_column:
+        # clip_benchmark's mirrors store an image's captions in one text member, one per line
+        captions = [[v for v in str(value).split("\n") if v.strip()] for value in values]
+        return Samples(loader, n, captions=captions, **common)
+    if multilabel:
+        targets = np.zeros((n, num_classes), dtype=np.uint8)
+        for i, value in enumerate(values):
+            targets[i, [value] if isinstance(value, int) else value] = 1
+    else:
+        targets = np.asarray(values, dtype=np.int64)
+    return Samples(loader, n, targets=targets, **common)
+
+
+def _bad_sample(shard: Path, key: str, problem: str) -> ClipbenchError:
+    return ClipbenchError(
+        f"Sample '{key}' of webdataset shard {shard} {problem}. Re-download the shard (or remove it "
+        "from the split's folder if it does not belong there)."
     )
-    image_column = next((c for c in _IMAGE_FIELDS if c in dataset.features), None)
-    if image_column is None:
-        raise ClipbenchError(f"Shards under {root / split} have no image field ({_IMAGE_FIELDS}).")
-    return samples_from_dataset(
-        dataset,
-        image_column=image_column,
-        label_column=label_column,
-        caption_column=caption_column,
-        num_classes=num_classes,
-        multilabel=multilabel,
-        description=f"webdataset {root / split}",
-        # the shards are the stored content (the Arrow copy is derived from them)
-        fingerprint=FileStats(shards, relative_to=root),
-    )
+
+
+def _member_value(shard: Path, sample: ShardSample, field: str) -> Any:
+    """A text member decoded as the HF builder does: by its last extension (int, JSON or text)."""
+    if field not in sample.members:
+        raise _bad_sample(shard, sample.key, f"has no '{field}' member (it has {sorted(sample.members)}); "
+                                              "if the data is elsewhere, fix source.*_column in the spec")
+    if field not in sample.text:
+        raise ClipbenchError(f"Member '{sample.key}.{field}' of webdataset shard {shard} is not a text member "
+                             f"({', '.join(sorted(TEXT_EXTENSIONS))}): fix source.*_column in the spec.")
+    text = sample.text[field]
+    kind = field.rsplit(".", 1)[-1].lower()
+    try:
+        if kind in _INT_FIELDS:
+            return int(text)
+        if kind in _JSON_FIELDS:
+            return json.loads(text)
+    except ValueError:
+        raise _bad_sample(shard, sample.key, f"has '{field}' = {text[:40]!r}, not "
+                                             f"{'an integer' if kind in _INT_FIELDS else 'JSON'}") from None
+    return text
+
+
+def _is_index(value: Any, num_classes: int | None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0 and (
+        num_classes is None or value < num_classes)
+
+
+def _label_problem(value: Any, num_classes: int | None, multilabel: bool) -> str | None:
+    """What is wrong with a sample's label, or None."""
+    classes = f"[0, {num_classes})" if num_classes is not None else "[0, ...)"
+    if multilabel:
+        labels = [value] if isinstance(value, int) else value
+        if isinstance(labels, list) and all(_is_index(y, num_classes) for y in labels):
+            return None
+        return f"has labels {value!r}, not class indices in {classes}"
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"has label {value!r}, not an integer class index"
+    return None if _is_index(value, num_classes) else f"has label {value}, outside the spec's classes {classes}"
+
+
+class ShardImageLoader:
+    """``loader(i)`` reads image i from its shard by offset and size and decodes it (picklable for
+    DataLoader workers: it holds paths and numbers, no open files)."""
+
+    def __init__(self, shards: list[str], shard_of: list[int], offsets: list[int], sizes: list[int],
+                 names: list[str]):
+        self.shards = shards
+        self.shard_of = np.asarray(shard_of, dtype=np.int32)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.names = names
+
+    def __call__(self, i: int) -> Image.Image:
+        path = self.shards[self.shard_of[i]]
+        size = int(self.sizes[i])
+        with open(path, "rb") as f:
+            f.seek(int(self.offsets[i]))
+            data = f.read(size)
+        if len(data) != size:
+            raise OSError(f"member '{self.names[i]}' of {path} is cut short (the shard changed after it was "
+                          "indexed): rerun, or re-download the shard")
+        return decode_image(data)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes -> RGB PIL, as the HF ``Image`` feature decoded them: EXIF orientation applied."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        if img.getexif().get(ExifTags.Base.Orientation) is not None:
+            return to_rgb(ImageOps.exif_transpose(img))
+        return to_rgb(img)
 
 
 def read_wds_prompts(root: Path) -> tuple[list[str] | None, list[str] | None]:
