@@ -130,6 +130,10 @@ def _torch_state(path: Path) -> Any:
             raise _bad_checkpoint(path, "is a damaged zip archive (truncated, or not a PyTorch "
                                   "checkpoint)") from None
         raise _bad_checkpoint(path, f"cannot be read by torch ({text.splitlines()[0][:200]})") from None
+    except (IndexError, KeyError, ValueError, UnicodeDecodeError, OverflowError) as error:
+        # the safe unpickler fed random bytes fails in many ways; all mean the same to a user
+        raise _bad_checkpoint(path, "is not a readable PyTorch checkpoint (the pickle inside is truncated "
+                              f"or garbage: {type(error).__name__})") from None
 
 
 def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
