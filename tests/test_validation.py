@@ -215,8 +215,10 @@ CHECKPOINTS = {
     # name: (file name, bytes builder, phrase in the message)
     "truncated .pt": ("w.pt", lambda s, t: _torch_bytes(s)[: len(_torch_bytes(s)) // 2], "damaged zip archive"),
     "garbage .bin": ("w.bin", lambda s, t: GARBAGE, "not a readable PyTorch checkpoint"),
-    "garbage failing the unpickler otherwise": ("w.bin", lambda s, t: b"\x80\x02]\x94" + b"q" * 64,
-                                                "not a readable PyTorch checkpoint"),
+    # random bytes also fail torch's safe unpickler with IndexError, KeyError, UnicodeDecodeError
+    "garbage: empty pickle stack": ("w.bin", lambda s, t: b"\x80\x02.", "garbage: IndexError"),
+    "garbage: unknown memo": ("w.bin", lambda s, t: b"\x80\x02h\x05.", "garbage: KeyError"),
+    "garbage: not UTF-8": ("w.bin", lambda s, t: b"\x80\x02X\x02\x00\x00\x00\xff\xfe.", "garbage: UnicodeDecodeError"),
     "empty file": ("w.pt", lambda s, t: b"", "is empty (0 bytes)"),
     "zip that is no checkpoint": ("w.pt", None, "zip archive but not a PyTorch checkpoint"),
     "pickle holding code": ("w.pt", lambda s, t: _torch_bytes({"x": _RunsCode(t / "ran")}), "holds Python objects"),
@@ -424,3 +426,24 @@ def test_text_features_recompute_a_damaged_entry_and_replace_it(model, tmp_path,
     with caplog.at_level(logging.WARNING, logger="clipbench.features"):
         np.testing.assert_array_equal(text_features(model, texts, cache), first)
     assert not caplog.records  # the rewritten entry is read back without a warning
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [{"metrics": "0.5"}, {"schema_version": 999}])
+def test_a_run_recomputes_an_invalid_stored_record_and_replaces_it(capsys, caplog, tmp_path, damage):
+    args = ["run", "--datasets", "synthetic-colors", "--tasks", "zeroshot", "--workers", "0", "--bootstrap", "0",
+            "--device", "cpu", "--output", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 0
+    path = next((tmp_path / "o").rglob("zeroshot.json"))
+    first = json.loads(path.read_text())
+    path.write_text(json.dumps({**first, **damage}))  # same settings digest: only validation catches it
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="clipbench.results"):
+        code = main(args)
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err
+    assert len(caplog.records) == 1 and str(path) in caplog.text and "recomputing it" in caplog.text
+    again = json.loads(path.read_text())
+    assert again["metrics"] == first["metrics"] and again["schema_version"] == results.SCHEMA_VERSION
+    # replaced in place: nothing superseded, no temp file left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["zeroshot.json", "zeroshot.per_class.json"]
