@@ -159,13 +159,13 @@ class SpecLoader(yaml.SafeLoader):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys: SafeLoader's own error
+            if key in seen:
                 raise SpecYAMLError(
                     f"the key {key!r} appears twice in one mapping (first on line {seen[key]}); YAML "
                     "would silently keep the last value. Keep one of them", key_node.start_mark)
-            if isinstance(key, (str, int, float, bool)):
-                seen[key] = line
+            seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
 

@@ -273,6 +273,17 @@ def test_the_good_files_the_bad_ones_are_made_from_load(state, tmp_path):
         assert torch.equal(loaded.model.state_dict()["visual.proj"], state["visual.proj"])
 
 
+def test_a_damaged_file_behind_a_pretrained_tag_is_one_clear_error(monkeypatch, tmp_path):
+    tiny = models.load_model("clipbench-tiny", "none", device="cpu", precision="fp32", cache_dir=tmp_path / "c")
+    damaged = tmp_path / "tiny.pt"
+    damaged.write_bytes(_torch_bytes(tiny.model.state_dict())[:1000])
+    monkeypatch.setitem(models.LOCAL_PRETRAINED, "clipbench-tiny",
+                        {"synthetic": {"file": str(damaged), "quick_gelu": False}})
+    with pytest.raises(ClipbenchError) as info:
+        models.load_model("clipbench-tiny", "synthetic", device="cpu", precision="fp32", cache_dir=tmp_path / "c")
+    assert str(damaged) in str(info.value) and "damaged zip archive" in str(info.value)
+
+
 @pytest.mark.parametrize("case", ["pickle holding code", "truncated .safetensors"])
 def test_a_bad_checkpoint_through_the_cli_is_exit_2_without_traceback(capsys, case, state, tmp_path):
     path = _write_checkpoint(case, state, tmp_path)

@@ -202,7 +202,9 @@ def _build(source: ModelSource, device: str, precision: str, seed: int, hub_cach
         digest = f"sha256:{weights.file_sha256(path, cache_dir)}"
         overrides = {}
     torchscript = weights.is_torchscript(path)
-    shapes = None if torchscript or path.suffix in (".npz", ".npy") else weights.checkpoint_shapes(path)
+    state_dict_file = not torchscript and path.suffix not in (".npz", ".npy")  # .npz: big_vision weights
+    if source.kind == "tag" and state_dict_file:
+        weights.checkpoint_shapes(path)  # a damaged download: a clear error (a file was checked by resolve_model)
     try:
         if source.openai_format or torchscript:
             with _seeded(seed):
@@ -212,7 +214,7 @@ def _build(source: ModelSource, device: str, precision: str, seed: int, hub_cach
             model = open_clip.create_model(source.arch, pretrained=str(path),
                                            force_preprocess_cfg=overrides, **common)
     except (RuntimeError, KeyError, ValueError) as error:
-        raise _unfit_checkpoint(source, path, shapes, error) from None
+        raise _unfit_checkpoint(source, path, state_dict_file, error) from None
     return model, open_clip.get_tokenizer(source.arch), digest
 
 
@@ -227,12 +229,13 @@ def _quiet() -> Iterator[None]:
         logging.disable(previous)
 
 
-def _unfit_checkpoint(source: ModelSource, path: Path, shapes: dict[str, tuple[int, ...]] | None,
+def _unfit_checkpoint(source: ModelSource, path: Path, state_dict_file: bool,
                       error: Exception) -> ClipbenchError:
     """The error for a readable checkpoint the architecture refused: which parameters differ
     (compared with a fresh model of the architecture), else the loader's first line."""
     found = ""
-    if shapes is not None:
+    if state_dict_file:
+        shapes = weights.checkpoint_shapes(path)
         with _seeded(0), _quiet():
             fresh = open_clip.create_model(source.arch, pretrained=None, device="cpu")
         expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}

@@ -190,6 +190,8 @@ def is_openai_format(path: Path) -> bool:
     """
     if is_torchscript(path):
         return True
+    if Path(path).suffix in (".npz", ".npy"):  # big_vision (SigLIP) weights, read by open_clip
+        return False
     return any(k in checkpoint_shapes(path) for k in OPENAI_METADATA_KEYS)
 
 
