@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -62,7 +63,15 @@ class FeatureCache:
         assert self.root is not None
         return self.root / kind / key[:2] / f"{key}.npz"
 
-    def load(self, kind: str, key: str) -> dict[str, np.ndarray] | None:
+    def load(self, kind: str, key: str,
+             expected: Mapping[str, tuple[int | None, ...]] | None = None) -> dict[str, np.ndarray] | None:
+        """The arrays of an entry, or None when it is absent or unusable.
+
+        ``expected`` maps each array the caller needs to its shape (None: any size on that axis);
+        an entry that is unreadable (truncated, zero bytes, not a .npz), lacks one of them, holds one
+        of another shape or of a dtype other than float32, or disagrees with its ``.json`` meta on
+        the row count, is ignored with one warning and recomputed (the new entry replaces it).
+        """
         if self.root is None:
             return None
         path = self._path(kind, key)
@@ -70,10 +79,15 @@ class FeatureCache:
             return None
         try:
             with np.load(path, allow_pickle=False) as data:
-                return {name: data[name] for name in data.files}
-        except (OSError, ValueError) as exc:  # a corrupt entry is recomputed, not trusted
-            log.warning("ignoring unreadable cache entry %s (%s)", path, exc)
-            return None
+                arrays = {name: data[name] for name in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            problem = f"unreadable: {type(exc).__name__}: {exc}" if str(exc) else f"unreadable ({type(exc).__name__})"
+        else:
+            problem = _entry_problem(arrays, expected or {}, path.with_suffix(".json"))
+            if problem is None:
+                return arrays
+        log.warning("ignoring cache entry %s (%s); recomputing it", path, problem)
+        return None
 
     def save(self, kind: str, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
         if self.root is None:
@@ -85,6 +99,29 @@ class FeatureCache:
             json.dump(meta, f, indent=1, sort_keys=True, default=str)
         with atomic_open(path, "wb") as f:
             np.savez(f, **arrays)
+
+
+def _entry_problem(arrays: dict[str, np.ndarray], expected: Mapping[str, tuple[int | None, ...]],
+                   meta_path: Path) -> str | None:
+    """What makes a readable cache entry unusable, or None."""
+    for name, shape in expected.items():
+        if name not in arrays:
+            return f"no array {name!r}; it holds {sorted(arrays)}"
+        array = arrays[name]
+        if array.dtype != np.float32:
+            return f"{name} is {array.dtype}, expected float32"
+        if array.ndim != len(shape) or any(want is not None and got != want
+                                           for got, want in zip(array.shape, shape)):
+            wanted = tuple("*" if w is None else w for w in shape)
+            return f"{name} has shape {array.shape}, expected {wanted}"
+    try:
+        n = json.loads(meta_path.read_text()).get("n") if meta_path.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return f"its metadata {meta_path.name} is unreadable"
+    rows = {len(arrays[name]) for name in expected}
+    if isinstance(n, int) and rows and rows != {n}:
+        return f"its metadata {meta_path.name} says {n} rows, the arrays hold {sorted(rows)}"
+    return None
 
 
 def image_cache_key(model: Any, spec: Any, role: str, samples: Any) -> dict[str, Any]:
@@ -173,8 +210,8 @@ def image_features(
     parts = image_cache_key(model, spec, role, samples)
     key = FeatureCache.digest(parts)
     kind = getattr(model, "pre_projection_kind", "before_projection")
-    cached = cache.load("image", key)
-    if cached is not None and len(cached["projected"]) == len(samples):
+    cached = cache.load("image", key, {"projected": (len(samples), None), "pre_projection": (len(samples), None)})
+    if cached is not None:
         log.info("%s/%s: image features from cache (%s)", spec.name, role, key[:12])
         return ImageFeatures(cached["projected"], cached["pre_projection"], samples.targets, kind, True)
     start = time.perf_counter()
@@ -204,7 +241,7 @@ def text_features(
         "n": len(texts),
     }
     key = FeatureCache.digest(parts)
-    cached = cache.load("text", key)
+    cached = cache.load("text", key, {"features": (len(texts), None)})
     if cached is not None:
         return cached["features"]
     chunks = []

@@ -27,7 +27,7 @@ from clipbench.config import RunConfig
 from clipbench.data import Samples, load_split, source_prompts
 from clipbench.errors import ClipbenchError
 from clipbench.features import FeatureCache, ImageFeatures, image_features, text_features
-from clipbench.specs import DatasetSpec, read_lines
+from clipbench.specs import DatasetSpec, read_classnames, read_lines
 from clipbench.tasks import Task, get_task
 from clipbench.tasks.base import Captions, ClassPrompts, FeatureSplit, TaskInputs
 from clipbench.tasks.zeroshot import build_prompts, has_placeholder
@@ -48,7 +48,7 @@ def prompts_for(spec: DatasetSpec, config: RunConfig, data_root: Path) -> tuple[
         if not templates and data_templates:
             templates, origin = list(data_templates), data_origin
     if config.classnames_file:
-        classnames = read_lines(config.classnames_file)
+        classnames = read_classnames(config.classnames_file)
     if config.templates_file:
         templates, origin = read_lines(config.templates_file), f"user file {config.templates_file}"
         bad = [t for t in templates if not has_placeholder(t)]

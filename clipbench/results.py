@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -117,19 +117,87 @@ def write_record(record: Record, output: Path, per_class: Any | None = None) -> 
     return path
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def record_problem(obj: Any) -> str | None:
+    """Why a record (a parsed JSON object) cannot be reported or reused, or None when it can:
+    a known ``schema_version`` (<= :data:`SCHEMA_VERSION`; absent in the oldest records), string
+    ``model`` / ``dataset`` / ``task``, ``metrics`` a mapping of finite numbers that holds the
+    ``primary_metric`` (few-shot records: or ``details.k``), confidence intervals as
+    ``[low, high]`` pairs, few-shot ``details.k`` entries with a finite ``mean``."""
+    if not isinstance(obj, Mapping):
+        return f"a JSON {type(obj).__name__}, not a record object"
+    version = obj.get("schema_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
+        return (f"schema_version {version!r} is not one this clipbench reads (1 to {SCHEMA_VERSION}); "
+                "it was written by another clipbench version")
+    missing = [k for k in ("model", "dataset", "task", "metrics", "primary_metric") if k not in obj]
+    if missing:
+        return f"required field(s) {', '.join(missing)} missing"
+    for key in ("model", "dataset", "task", "primary_metric"):
+        if not isinstance(obj[key], str):
+            return f"{key} is {obj[key]!r}, not a string"
+    metrics = obj["metrics"]
+    if not isinstance(metrics, Mapping):
+        return f"metrics is a {type(metrics).__name__}, not a mapping of metric names to numbers"
+    bad = next((k for k, v in metrics.items() if not _finite(v)), None)
+    if bad is not None:
+        return f"metric {bad} is {metrics[bad]!r}, not a finite number"
+    intervals = obj.get("confidence_intervals") or {}
+    if not isinstance(intervals, Mapping) or not all(
+            isinstance(v, (list, tuple)) and len(v) == 2 and all(_finite(x) for x in v)
+            for v in intervals.values()):
+        return "confidence_intervals is not a mapping of metric names to [low, high] pairs"
+    details = obj.get("details") or {}
+    if not isinstance(details, Mapping):
+        return f"details is a {type(details).__name__}, not a mapping"
+    shots = details.get("k") if obj["task"] == "few_shot" else None
+    if shots is not None and not (isinstance(shots, Mapping) and all(
+            str(k).isdigit() and isinstance(v, Mapping) and _finite(v.get("mean"))
+            and _finite(v.get("std", 0.0)) for k, v in shots.items())):
+        return "details.k is not a mapping of shot counts to {mean, std} numbers"
+    # few-shot records report one number per k (details.k); schema 1 kept no metrics for them
+    if obj["primary_metric"] not in metrics and not shots:
+        return f"the primary metric {obj['primary_metric']} is not among its metrics {sorted(metrics)}"
+    return None
+
+
+_REQUIRED_FIELDS = tuple(f.name for f in fields(Record)
+                         if f.default is MISSING and f.default_factory is MISSING)
+
+
 def read_record(path: Path) -> Record:
+    """The record stored at ``path``.
+
+    Raises:
+        ValueError: not JSON, or not a valid record (:func:`record_problem`, a missing field or
+            one :class:`Record` does not have), naming what is wrong.
+    """
     data = json.loads(Path(path).read_text(encoding="utf-8"))
+    problem = record_problem(data)
+    if problem is None:
+        missing = [k for k in _REQUIRED_FIELDS if k not in data]
+        unknown = sorted(set(data) - {f.name for f in fields(Record)})
+        problem = (f"required field(s) {', '.join(missing)} missing" if missing else
+                   f"unknown field(s) {', '.join(unknown)}" if unknown else None)
+    if problem is not None:
+        raise ValueError(problem)
     return Record(**data)
 
 
 def existing_record(output: Path, model: str, pretrained: str, dataset: str, task: str) -> Record | None:
-    """The stored record for this key, or None (an unreadable file counts as missing)."""
+    """The stored record for this key, or None. An unreadable or invalid file counts as missing,
+    with one warning: the task is recomputed and its new record replaces the file atomically."""
     path = record_path(output, model, pretrained, dataset, task)
     if not path.is_file():
         return None
     try:
         return read_record(path)
-    except (ValueError, TypeError):
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        log.warning("%s/%s: the stored record %s is invalid (%s); recomputing it, the new record "
+                    "replaces it", dataset, task, path, exc)
         return None
 
 
@@ -210,6 +278,10 @@ def records_frame(
     sources = list(sources) if sources is not None else [""] * len(records)
     origins = list(origins) if origins is not None else ["clipbench"] * len(records)
     for record, source, origin in zip(records, sources, origins):
+        problem = record_problem(record)
+        if problem is not None:
+            log.warning("Skipping %s: not a valid result record (%s)", source or "a record", problem)
+            continue
         metric = record.get("primary_metric")
         metrics = dict(record.get("metrics") or {})
         ci = (record.get("confidence_intervals") or {}).get(metric) or (None, None)
@@ -269,7 +341,8 @@ def load_records(paths: Sequence[Path], datasets: DatasetLookup | None = None) -
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 log.warning("Skipping %s: not valid JSON (%s)", path, exc)
                 continue
-            if _is_clipbench_record(obj):
+            if _is_clipbench_record(obj) or isinstance(obj, dict) and "schema_version" in obj:
+                # a damaged clipbench record: records_frame skips it, saying what is wrong
                 records.append(obj)
                 origins.append("clipbench")
             elif is_clip_benchmark_result(obj):

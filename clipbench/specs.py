@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from clipbench.errors import ClipbenchError
 from clipbench.metrics import get_metric, is_retrieval_metric, metric_names
 from clipbench.paths import specs_dir, templates_dir
 from clipbench.tasks.zeroshot import has_placeholder
+
+log = logging.getLogger(__name__)
 
 SPLIT_ROLES = ("train", "val", "test")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
@@ -126,6 +129,72 @@ class _Errors:
             )
 
 
+class SpecYAMLError(yaml.YAMLError):
+    """A YAML construct dataset specs refuse (alias, anchor, duplicate key), with its line."""
+
+    def __init__(self, message: str, mark: yaml.Mark):
+        super().__init__(message)
+        self.message = message
+        self.line = mark.line + 1
+
+
+class SpecLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses what a spec never needs and what silently changes one.
+
+    Aliases and anchors are refused while the document is composed, before any alias is
+    expanded, so an alias bomb ("billion laughs") fails at once instead of exhausting memory. A
+    key repeated in one mapping is refused (plain YAML keeps the last value without a word).
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise SpecYAMLError(f"the alias *{event.anchor} repeats an anchored value", event.start_mark)
+        event = self.peek_event()
+        if getattr(event, "anchor", None) is not None:
+            raise SpecYAMLError(f"the anchor &{event.anchor} marks a value to repeat", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # unhashable keys: SafeLoader's own error
+            if key in seen:
+                raise SpecYAMLError(
+                    f"the key {key!r} appears twice in one mapping (first on line {seen[key]}); YAML "
+                    "would silently keep the last value. Keep one of them", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_spec_yaml(path: Path) -> Any:
+    """The parsed YAML of a spec file, read with :class:`SpecLoader`.
+
+    Raises:
+        ClipbenchError: missing, a directory, not UTF-8, not valid YAML, or a refused construct
+            (alias, anchor, duplicate key), naming the file and the line.
+    """
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=SpecLoader)  # noqa: S506 (safe loader)
+    except FileNotFoundError:
+        raise ClipbenchError(f"Dataset spec file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise ClipbenchError(f"Dataset spec {path} is a directory; pass the spec's .yaml file.") from None
+    except UnicodeDecodeError as exc:
+        raise ClipbenchError(
+            f"Dataset spec {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); a spec is a YAML file."
+        ) from None
+    except SpecYAMLError as exc:
+        fix = "Write the list or value out in full: dataset specs do not accept YAML anchors (&) or aliases (*)." \
+            if "alias" in exc.message or "anchor" in exc.message else ""
+        raise ClipbenchError(f"Dataset spec {path}, line {exc.line}: {exc.message}. {fix}".rstrip()) from None
+    except yaml.YAMLError as exc:
+        raise ClipbenchError(f"Dataset spec {path} is not valid YAML: {exc}") from None
+
+
 def read_lines(path: Path) -> list[str]:
     """The non-blank lines of a UTF-8 text file (class names, templates, index lists).
 
@@ -141,6 +210,29 @@ def read_lines(path: Path) -> list[str]:
     except UnicodeDecodeError as exc:
         raise ClipbenchError(f"File {path} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
     return [line for line in text.splitlines() if line.strip()]
+
+
+def classnames_mixup(names: Iterable[str]) -> str | None:
+    """The first class name that holds a template placeholder (``{c}``, ``{}``), or None: such a
+    list is a templates file given as classnames, which a matching line count would let through."""
+    return next((name for name in names if has_placeholder(name)), None)
+
+
+def read_classnames(path: Path) -> list[str]:
+    """:func:`read_lines` of a classnames file, refusing a templates file given in its place.
+
+    Raises:
+        ClipbenchError: as :func:`read_lines`, or a line holds a template placeholder.
+    """
+    names = read_lines(path)
+    template = classnames_mixup(names)
+    if template is not None:
+        raise ClipbenchError(
+            f"Classnames file {path} holds the template {template!r}: it looks like a templates file "
+            "given as classnames (a class name has no '{c}' placeholder). Pass the class names, one "
+            "per line, and the templates with --templates."
+        )
+    return names
 
 
 def _resolve_file(value: str, spec_file: Path) -> Path | None:
@@ -264,6 +356,12 @@ def _validate_classes(raw: dict, tasks: list[str], num_classes: Any, file: Path,
                       errors: _Errors) -> tuple[list[str] | None, list[str] | None, tuple[int, ...] | None]:
     """(classnames, templates, class subset), loaded from their files, checked against num_classes."""
     classnames = _load_list(raw.get("classnames"), "classnames", file, errors)
+    template = classnames_mixup(classnames or ())
+    if template is not None:
+        where = f" in {_resolve_file(raw['classnames'], file)}" if isinstance(raw["classnames"], str) else ""
+        errors.add("classnames", f"class names, not templates: the line {template!r}{where} holds a "
+                   "template placeholder (a templates file given as classnames?)", raw["classnames"])
+        classnames = None
     templates = _load_list(raw.get("templates"), "templates", file, errors)
     # formats whose data ships classnames and templates (webdataset) let the spec defer to them
     source_type = raw["source"].get("type") if isinstance(raw.get("source"), dict) else None
@@ -359,19 +457,7 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
 
 def load_spec_file(path: Path) -> DatasetSpec:
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ClipbenchError(f"Dataset spec file {path} does not exist.") from None
-    except IsADirectoryError:
-        raise ClipbenchError(f"Dataset spec {path} is a directory; pass the spec's .yaml file.") from None
-    except UnicodeDecodeError as exc:
-        raise ClipbenchError(
-            f"Dataset spec {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); a spec is a YAML file."
-        ) from None
-    except yaml.YAMLError as exc:
-        raise ClipbenchError(f"Dataset spec {path} is not valid YAML: {exc}") from None
-    return parse_spec(raw, path)
+    return parse_spec(read_spec_yaml(path), path)
 
 
 def spec_files() -> dict[str, Path]:
@@ -405,7 +491,13 @@ def load_spec(name_or_path: str | Path) -> DatasetSpec:
     """
     text = str(name_or_path)
     if isinstance(name_or_path, Path) or _looks_like_path(text):
-        return load_spec_file(Path(text).expanduser())
+        spec = load_spec_file(Path(text).expanduser())
+        packaged = spec_files().get(spec.name)
+        if packaged is not None and packaged.resolve() != spec.file.resolve():
+            log.warning("Dataset spec %s is named '%s' like the packaged spec %s; the file given wins "
+                        "(its records, stored under that name, carry its own settings digest, so a "
+                        "packaged spec's record is recomputed, not reused)", spec.file, spec.name, packaged)
+        return spec
     spec = find_spec(text)
     if spec is None:
         names = list(spec_files())
@@ -442,5 +534,9 @@ def select(items: Iterable[str]) -> list[DatasetSpec]:
                         chosen.setdefault(name, load_spec(name))
                     continue
             spec = load_spec(token)
+            if spec.name in chosen and _looks_like_path(token) and chosen[spec.name].file != spec.file:
+                log.warning("%s and %s are both named '%s'; the file given by path wins",
+                            chosen[spec.name].file, spec.file, spec.name)
+                chosen[spec.name] = spec  # a spec given by path wins over a packaged one
             chosen.setdefault(spec.name, spec)
     return list(chosen.values())

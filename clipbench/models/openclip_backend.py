@@ -201,8 +201,12 @@ def _build(source: ModelSource, device: str, precision: str, seed: int, hub_cach
         path = Path(source.pretrained)
         digest = f"sha256:{weights.file_sha256(path, cache_dir)}"
         overrides = {}
+    torchscript = weights.is_torchscript(path)
+    state_dict_file = not torchscript and path.suffix not in (".npz", ".npy")  # .npz: big_vision weights
+    if source.kind == "tag" and state_dict_file:
+        weights.checkpoint_shapes(path)  # a damaged download: a clear error (a file was checked by resolve_model)
     try:
-        if source.openai_format or weights.is_torchscript(path):
+        if source.openai_format or torchscript:
             with _seeded(seed):
                 model = open_clip.create_model(source.arch, pretrained=None, **common)
             _load_openai_weights(model, path)
@@ -210,12 +214,39 @@ def _build(source: ModelSource, device: str, precision: str, seed: int, hub_cach
             model = open_clip.create_model(source.arch, pretrained=str(path),
                                            force_preprocess_cfg=overrides, **common)
     except (RuntimeError, KeyError, ValueError) as error:
-        first = str(error).strip().splitlines()[0][:300]
-        raise ClipbenchError(
-            f"Could not load the weights {path} into architecture {source.arch!r}: {first}. "
-            f"Check that --model names the architecture the checkpoint was trained with."
-        ) from error
+        raise _unfit_checkpoint(source, path, state_dict_file, error) from None
     return model, open_clip.get_tokenizer(source.arch), digest
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence open_clip's "initialized randomly" warning for a model built only to be compared."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _unfit_checkpoint(source: ModelSource, path: Path, state_dict_file: bool,
+                      error: Exception) -> ClipbenchError:
+    """The error for a readable checkpoint the architecture refused: which parameters differ
+    (compared with a fresh model of the architecture), else the loader's first line."""
+    found = ""
+    if state_dict_file:
+        shapes = weights.checkpoint_shapes(path)
+        with _seeded(0), _quiet():
+            fresh = open_clip.create_model(source.arch, pretrained=None, device="cpu")
+        expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+        found = weights.describe_mismatch(expected, shapes)
+    if not found:
+        found = str(error).strip().splitlines()[0][:300]
+    return ClipbenchError(
+        f"Checkpoint {path} does not fit architecture {source.arch!r}: {found}. Pass the --model "
+        f"the checkpoint was trained with (`clipbench models` lists them), or a checkpoint of "
+        f"{source.arch}."
+    )
 
 
 def _build_hf_hub(source: ModelSource, precision: str, device: str, hub_cache_dir: Path | None,

@@ -39,7 +39,7 @@ import open_clip
 from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 
 from clipbench.errors import ClipbenchError
-from clipbench.models.weights import file_sha256, is_openai_format
+from clipbench.models.weights import checkpoint_shapes, file_sha256, is_openai_format
 from clipbench.paths import package_dir
 from clipbench.reference import OPENAI_ALIASES
 
@@ -283,6 +283,8 @@ def resolve_model(
             # A QuickGELU config (or quick_gelu=...) is a choice the weights must agree with.
             explicit = quick_gelu if quick_gelu is not None else (True if config_qg else None)
             return _resolve_file(arch, path.resolve(), explicit, cache_dir)
+        if path.is_dir():
+            checkpoint_shapes(path)  # raises: a directory is not a checkpoint, and says which file
         if _looks_like_path(pretrained):
             raise ClipbenchError(
                 f"Checkpoint file {str(path.absolute())!r} does not exist. Pass an existing file to "

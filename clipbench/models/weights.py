@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -78,28 +81,141 @@ def is_torchscript(path: Path) -> bool:
     """A TorchScript archive (the format OpenAI released CLIP in)."""
     if not zipfile.is_zipfile(path):
         return False
-    with zipfile.ZipFile(path) as archive:
-        return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in archive.namelist())
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in archive.namelist())
+    except zipfile.BadZipFile:  # damaged: checkpoint_shapes says how
+        return False
+
+
+#: What to do about a checkpoint that cannot be read (said after what is wrong with it).
+_REFETCH = ("Download or copy the file again (compare its size or sha256 with the source), or pass "
+            "another checkpoint with --pretrained PATH.")
+
+
+def _bad_checkpoint(path: Path, problem: str, fix: str = _REFETCH) -> ClipbenchError:
+    return ClipbenchError(f"Checkpoint {path} {problem}. {fix}")
+
+
+def _unpickling_problem(error: Exception) -> str:
+    """What torch's safe loader refused, in clipbench's words (torch's own text suggests
+    ``weights_only=False``, which would run whatever code the file holds)."""
+    code = re.search(r"GLOBAL ([\w.]+)", str(error))
+    if code:
+        return f"holds Python objects, not only tensors (it references {code.group(1)})"
+    return "is not a readable PyTorch checkpoint (the pickle inside is truncated or garbage)"
+
+
+def _torch_state(path: Path) -> Any:
+    """``torch.load`` with the safe loader; every failure becomes a :class:`ClipbenchError`."""
+    try:
+        # mmap reads only the archive's index; legacy (pre-zip) files cannot be mapped
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        if re.search(r"GLOBAL ([\w.]+)", str(error)):
+            raise _bad_checkpoint(
+                path, _unpickling_problem(error),
+                "clipbench loads checkpoints with torch's safe loader and never runs code stored in "
+                "one. If you trust the file, re-save its weights alone where it was made "
+                "(torch.save(model.state_dict(), PATH) or safetensors) and pass that file.") from None
+        raise _bad_checkpoint(path, _unpickling_problem(error)) from None
+    except EOFError:
+        raise _bad_checkpoint(path, "ends early (truncated)") from None
+    except RuntimeError as error:
+        text = str(error)
+        if "data.pkl" in text or "not in a subdirectory" in text:
+            raise _bad_checkpoint(path, "is a zip archive but not a PyTorch checkpoint "
+                                  "(no data.pkl inside)") from None
+        if "central directory" in text or "zip archive" in text:
+            raise _bad_checkpoint(path, "is a damaged zip archive (truncated, or not a PyTorch "
+                                  "checkpoint)") from None
+        raise _bad_checkpoint(path, f"cannot be read by torch ({text.splitlines()[0][:200]})") from None
+    except (IndexError, KeyError, ValueError, UnicodeDecodeError, OverflowError) as error:
+        # the safe unpickler fed random bytes fails in many ways; all mean the same to a user
+        raise _bad_checkpoint(path, "is not a readable PyTorch checkpoint (the pickle inside is truncated "
+                              f"or garbage: {type(error).__name__})") from None
+
+
+def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a checkpoint file (PyTorch state dict, ``{"state_dict": ...}``
+    wrapper, ``module.``-prefixed keys, or safetensors), read without running code stored in it
+    and without reading the tensors' data where the format allows (safetensors, zip archives).
+    Non-tensor entries (OpenAI's :data:`OPENAI_METADATA_KEYS`) map to ``()``.
+
+    Raises:
+        ClipbenchError: the path is a directory, empty, truncated, garbage, a zip that is not a
+            checkpoint, a pickle holding code, or holds no tensors; naming the file and the fix.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise _bad_checkpoint(path, "is a directory", "Pass the weights file itself (.pt, .bin or "
+                              ".safetensors), e.g. the open_clip_pytorch_model.bin inside it.")
+    size = path.stat().st_size
+    if size == 0:
+        raise _bad_checkpoint(path, "is empty (0 bytes)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except (SafetensorError, OSError) as error:
+            raise _bad_checkpoint(path, f"is not a valid safetensors file ({error})") from None
+    else:
+        state = _torch_state(path)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise _bad_checkpoint(path, f"holds a {type(state).__name__}, not a state dict (a mapping "
+                                  "of parameter names to tensors)",
+                                  "Save the model's weights with torch.save(model.state_dict(), PATH).")
+        odd = [k for k, v in state.items() if not isinstance(v, torch.Tensor)
+               and not (k in OPENAI_METADATA_KEYS and isinstance(v, int))]
+        if odd:
+            raise _bad_checkpoint(path, f"holds {type(state[odd[0]]).__name__} under {odd[0]!r}, not a "
+                                  "tensor: it is not a state dict",
+                                  "Save the model's weights with torch.save(model.state_dict(), PATH).")
+        shapes = {(k[7:] if k.startswith("module.") else k): tuple(v.shape) if isinstance(v, torch.Tensor)
+                  else () for k, v in state.items()}
+    if not shapes:
+        raise _bad_checkpoint(path, "holds no tensors")
+    return shapes
 
 
 def is_openai_format(path: Path) -> bool:
-    """TorchScript archive or a state dict with OpenAI's extra keys."""
+    """TorchScript archive or a state dict with OpenAI's extra keys.
+
+    Raises:
+        ClipbenchError: the file is not a readable checkpoint (see :func:`checkpoint_shapes`).
+    """
     if is_torchscript(path):
         return True
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    if Path(path).suffix in (".npz", ".npy"):  # big_vision (SigLIP) weights, read by open_clip
+        return False
+    return any(k in checkpoint_shapes(path) for k in OPENAI_METADATA_KEYS)
 
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-    else:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # not a zip-format checkpoint (legacy pickle): open_clip decides later
-            return False
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-            checkpoint = checkpoint["state_dict"]
-        keys = set(checkpoint) if isinstance(checkpoint, dict) else set()
-    return any(k in keys for k in OPENAI_METADATA_KEYS)
+
+def describe_mismatch(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]],
+                      shown: int = 3) -> str:
+    """What differs between an architecture's parameters and a checkpoint's, in one sentence
+    (empty when nothing does). Scalars stored as 1-element tensors count as the same shape."""
+    def listed(names: list[str]) -> str:
+        more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+        return ", ".join(names[:shown]) + more
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected) - set(OPENAI_METADATA_KEYS))
+    reshaped = [k for k in sorted(set(expected) & set(found)) if expected[k] != found[k]
+                and not (math.prod(expected[k]) == math.prod(found[k]) == 1)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} parameter(s) of the architecture missing from the file ({listed(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} entry(ies) the architecture does not have ({listed(unexpected)})")
+    if reshaped:
+        shapes = [f"{k}: file {list(found[k])}, architecture {list(expected[k])}" for k in reshaped]
+        parts.append(f"{len(reshaped)} of another shape ({listed(shapes)})")
+    return "; ".join(parts)
 
 
 def hub_cache_dir(override: Path | None) -> Path:
