@@ -47,6 +47,9 @@ class Record:
     metrics: dict[str, float]
     primary_metric: str
     n_samples: int
+    #: ids of samples left out as unreadable (``--on-bad-image skip``), of every split the record
+    #: used; ``n_samples`` counts the evaluated test samples only. Older records lack it: empty.
+    skipped: list[str] = field(default_factory=list)
     confidence_intervals: dict[str, list[float]] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
