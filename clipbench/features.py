@@ -175,11 +175,11 @@ class _PreprocessedImages(Dataset):
         return len(self.indices)
 
     def __getitem__(self, position: int):
-        try:
-            with pixel_limit(self.max_image_pixels):  # set here: workers do not share the parent's
+        with pixel_limit(self.max_image_pixels):  # set here: workers do not share the parent's
+            try:
                 return self.preprocess(self.samples.load_image(self.indices[position])), position, None
-        except Exception as exc:  # any loader's failure is this sample's, not the run's
-            return None, position, _reason(exc)
+            except Exception as exc:  # any loader's failure is this sample's, not the run's
+                return None, position, _reason(exc)
 
 
 def _collate(batch: list[tuple[Any, int, str | None]]) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:

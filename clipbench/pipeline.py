@@ -197,12 +197,12 @@ class Evaluator:
     def _compute(self, spec: DatasetSpec, task: Task, settings: dict[str, Any]):
         needs = task.needs(spec)
         t0 = time.perf_counter()
-        images, feature_seconds, test_samples, skipped = {}, 0.0, None, []
+        images, feature_seconds, test_samples, skipped = {}, 0.0, None, {}
         for role in needs.roles:
             if role != "test" and spec.split(role) is None:
                 continue  # e.g. no val split: the task carves one from train
             feats, samples = self.split_features(spec, role)
-            skipped += [i for i in feats.skipped if i not in skipped]
+            skipped.update(dict.fromkeys(feats.skipped))  # ordered, each id once
             images[role] = FeatureSplit(feats.projected, feats.pre_projection, feats.targets,
                                         feats.pre_projection_kind)
             feature_seconds += feats.seconds
@@ -236,7 +236,7 @@ class Evaluator:
         record = results.Record(
             model=self.model.name, pretrained=self.model.pretrained, dataset=spec.name, task=task.name,
             split="test", metrics=output.metrics, primary_metric=output.primary_metric or spec.primary_metric,
-            n_samples=output.n_samples, skipped=skipped,
+            n_samples=output.n_samples, skipped=list(skipped),
             confidence_intervals={k: list(v) for k, v in output.confidence_intervals.items()},
             details=output.details, config={**output.config, **settings, "model": self.model.describe()},
             versions=self.versions,

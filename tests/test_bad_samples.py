@@ -60,7 +60,7 @@ BAD_KINDS = {
     "truncated-jpeg": (write_truncated_jpeg, "bad.jpg", "Truncated File Read"),
     "zero-bytes": (write_zero_bytes, "bad.jpg", "cannot identify image file"),
     "text-named-jpg": (write_text, "bad.jpg", "cannot identify image file"),
-    "decompression-bomb": (write_bomb, "bad.png", "--max-image-pixels"),
+    "decompression-bomb": (write_bomb, "bad.png", "the limit is twice --max-image-pixels, now 1500"),
 }
 PIXEL_FLAGS = ("--max-image-pixels", "1500")
 
@@ -134,7 +134,7 @@ def test_a_bad_image_fails_its_split_clearly_and_the_other_dataset_gets_its_reco
     err = capsys.readouterr().err
     reason = "No such file" if kind == "missing-file" else BAD_KINDS[kind][2]
     assert code == 2 and "Traceback" not in err
-    assert f"bad/zeroshot: bad/test: 1 of 10 images cannot be read" in err
+    assert "bad/zeroshot: bad/test: 1 of 10 images cannot be read" in err
     assert bad_id in err and reason in err and "--on-bad-image skip" in err
     assert record(tmp_path, "good")["n_samples"] == 9
     assert not (tmp_path / "out" / MODEL_DIR / "bad").exists()
@@ -424,3 +424,17 @@ def test_two_ranks_report_the_bad_images_of_every_shard_as_one_process_does(tmp_
         assert [str(r) for r in dist_result["reasons"]] == list(single.bad.values())
         assert np.array_equal(dist_result["projected"], single.projected)
         assert np.array_equal(dist_result["pre"], single.pre_projection)
+
+
+def test_the_pixel_limit_applies_in_dataloader_workers_and_leaves_the_parent_alone(tmp_path):
+    from clipbench.data.imagefolder import load_imagefolder
+    from clipbench.features import encode_image_batches
+
+    root = write_imagefolder(tmp_path / "f")
+    write_bomb(root / "test" / "b_green" / "bad.png")
+    before = Image.MAX_IMAGE_PIXELS
+    samples = load_imagefolder(root, "test", FOLDERS)
+    encoded = encode_image_batches(_PixelStatsModel(), samples, batch_size=4, workers=1, max_image_pixels=1500)
+    assert list(encoded.bad) == [6] and "now 1500" in encoded.bad[6] and len(encoded.projected) == 9
+    assert Image.MAX_IMAGE_PIXELS == before
+    assert encode_image_batches(_PixelStatsModel(), samples, batch_size=4, workers=1).bad == {}  # Pillow's limit
