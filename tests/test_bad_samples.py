@@ -365,7 +365,7 @@ def test_bad_values_of_the_new_flags_are_refused(capsys, tmp_path, flags, messag
 def _pixels(image: Image.Image):
     import torch
 
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    return torch.from_numpy(np.asarray(image.resize((32, 32)), dtype=np.float32) / 255).permute(2, 0, 1)
 
 
 class _PixelStatsModel:
