@@ -37,7 +37,7 @@ def _add_common_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from clipbench.config import DEVICES, PRECISIONS, PROBE_FEATURES, PROBE_SOLVERS, RunConfig
+    from clipbench.config import BAD_IMAGE_POLICIES, DEVICES, PRECISIONS, PROBE_FEATURES, PROBE_SOLVERS, RunConfig
     from clipbench.tasks import task_names
 
     default = RunConfig.default
@@ -92,6 +92,12 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="bootstrap resamples for the 95%% CI (0: none)")
     run.add_argument("--templates", type=Path, default=None, help="file of prompt templates ({c} placeholder)")
     run.add_argument("--classnames", type=Path, default=None, help="file of class names, one per line")
+    run.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default=default("on_bad_image"),
+                     help="an image that cannot be read: fail its split, naming the files (default: "
+                          "%(default)s), or skip those samples (records list them)")
+    run.add_argument("--max-image-pixels", type=int, default=default("max_image_pixels"), metavar="N",
+                     help="decompression-bomb guard: images over 2*N pixels are refused as unreadable "
+                          "(default: Pillow's own limit; 0: no limit)")
 
     ds = sub.add_parser("datasets", help="list dataset specs and whether their data is present")
     ds.add_argument("--json", action="store_true", help="machine-readable output")
@@ -131,7 +137,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         probe_features=args.probe_features, probe_jobs=args.probe_jobs,
         few_shot_k=args.few_shot or RunConfig.default("few_shot_k"),
         few_shot_seeds=args.few_shot_seeds, recall_k=args.recall_k, n_bootstrap=args.bootstrap,
-        templates_file=args.templates, classnames_file=args.classnames,
+        templates_file=args.templates, classnames_file=args.classnames, on_bad_image=args.on_bad_image,
+        max_image_pixels=args.max_image_pixels,
     )
 
 

@@ -26,6 +26,8 @@ PRECISIONS = ("fp32", "fp16", "bf16", "amp")
 DEVICES = ("auto", "cpu", "cuda")
 PROBE_SOLVERS = ("sklearn", "torch")
 PROBE_FEATURES = ("pre_projection", "projected")
+#: --on-bad-image: a split with undecodable images fails (naming them), or leaves them out
+BAD_IMAGE_POLICIES = ("fail", "skip")
 
 
 @dataclass
@@ -65,6 +67,13 @@ class RunConfig:
     n_bootstrap: int = 1000
     templates_file: Path | None = None
     classnames_file: Path | None = None
+    #: an image that cannot be read (truncated, empty, not an image, missing, too large): "fail"
+    #: fails its split with a message naming the files; "skip" leaves those samples out and every
+    #: record computed from the split lists them (``Record.skipped``)
+    on_bad_image: str = "fail"
+    #: Pillow's decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``, which refuses an image of
+    #: more than twice this many pixels); None keeps Pillow's own default, 0 removes the limit
+    max_image_pixels: int | None = None
 
     @classmethod
     def default(cls, name: str) -> Any:
@@ -131,7 +140,12 @@ class RunConfig:
             ("--probe-features", self.probe_features, self.probe_features in PROBE_FEATURES,
              f"one of {', '.join(PROBE_FEATURES)}"),
             ("--probe-jobs", self.probe_jobs, self.probe_jobs >= 1, "an integer >= 1"),
+            ("--on-bad-image", self.on_bad_image, self.on_bad_image in BAD_IMAGE_POLICIES,
+             f"one of {', '.join(BAD_IMAGE_POLICIES)}"),
         ]
+        if self.max_image_pixels is not None:
+            checks.append(("--max-image-pixels", self.max_image_pixels, self.max_image_pixels >= 0,
+                           "a pixel count >= 0 (0: no limit)"))
         if self.text_batch_size is not None:
             checks.append(("text_batch_size", self.text_batch_size, self.text_batch_size >= 1, "an integer >= 1"))
         problems += [f"{flag} {value!r} is invalid: expected {expected}" for flag, value, ok, expected in checks

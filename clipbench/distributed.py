@@ -16,8 +16,11 @@ Design: rank 0 leads, the other ranks serve shards.
   of ranks. Shard sizes differ by at most one batch; the last, partial batch is handled like in a
   single process; no image is dropped or encoded twice.
 
-Failures: a rank that cannot encode its shard (missing data, decode error) reports the error to
-rank 0, which fails that dataset like a single process would, and the job goes on. A rank that dies
+Failures: a rank that cannot encode its shard (missing data) reports the error to rank 0, which
+fails that dataset like a single process would, and the job goes on. Unreadable images are not
+failures of a rank: each rank reports the indices and reasons of its shard's unreadable images with
+its rows, rank 0 merges them, and ``--on-bad-image`` applies as in a single process (``skip``
+works distributed too). A rank that dies
 makes the collective calls of the others fail: they raise :class:`DistributedError` naming
 themselves (torchrun's summary names the rank that died) and exit non-zero. Records and cache entries
 of finished datasets are on disk (written atomically), so rerunning the same command resumes.
@@ -43,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from clipbench.errors import ClipbenchError
+from clipbench.features import EncodedImages
 
 log = logging.getLogger(__name__)
 
@@ -233,20 +237,22 @@ class DistContext:
 
     # -- rank 0 -----------------------------------------------------------------------------
     def encode(self, model: Any, samples: Any, *, spec: Any, role: str, batch_size: int = 256,
-               workers: int = 4, desc: str = "images") -> tuple[np.ndarray, np.ndarray]:
+               workers: int = 4, desc: str = "images", max_image_pixels: int | None = None) -> EncodedImages:
         """Rank 0's image encoder (the ``encoder`` hook of :class:`clipbench.pipeline.Evaluator`):
-        features of every sample of ``samples``, encoded by all ranks, in dataset order.
+        features of every readable sample of ``samples``, encoded by all ranks, in dataset order.
 
         Returns:
-            (projected (N, D) float32, pre_projection (N, P) float32), as
-            :func:`clipbench.features.encode_image_batches`.
+            :class:`clipbench.features.EncodedImages`, as :func:`clipbench.features.encode_image_batches`
+            (the unreadable images of every shard in ``bad``).
         """
         from clipbench.features import encode_image_batches
 
         if not self.distributed:
-            return encode_image_batches(model, samples, batch_size=batch_size, workers=workers, desc=desc)
+            return encode_image_batches(model, samples, batch_size=batch_size, workers=workers, desc=desc,
+                                        max_image_pixels=max_image_pixels)
         request = {"op": "encode", "spec": spec, "role": role, "n": len(samples),
-                   "digest": samples.listing_digest(), "batch_size": batch_size, "workers": workers}
+                   "digest": samples.listing_digest(), "batch_size": batch_size, "workers": workers,
+                   "max_image_pixels": max_image_pixels}
         self._collective(f"sending the request for {spec.name}/{role}",
                          lambda: dist.broadcast_object_list([request], src=0, group=self._control))
         result = self._encode_shard(model, samples, request)
@@ -303,23 +309,26 @@ class DistContext:
 
     # -- all ranks --------------------------------------------------------------------------
     def _encode_shard(self, model: Any, samples: Any, request: dict, error: str | None = None
-                      ) -> tuple[np.ndarray, np.ndarray] | None:
+                      ) -> EncodedImages | None:
         """Encode this rank's shard and gather every shard to rank 0 (None elsewhere)."""
         from clipbench.features import encode_image_batches
 
         spec, role = request["spec"], request["role"]
         shard = shard_range(request["n"], request["batch_size"], self.rank, self.world_size)
         projected = pre = np.zeros((0, 0), np.float32)
+        bad: dict[int, str] = {}
         if error is None:
             try:
-                projected, pre = encode_image_batches(
+                encoded = encode_image_batches(
                     model, samples, indices=shard, batch_size=request["batch_size"],
-                    workers=request["workers"], desc=f"{spec.name}/{role} rank {self.rank}")
+                    workers=request["workers"], desc=f"{spec.name}/{role} rank {self.rank}",
+                    max_image_pixels=request.get("max_image_pixels"))
+                projected, pre, bad = encoded.projected, encoded.pre_projection, encoded.bad
             except Exception as exc:  # reported to rank 0, which fails this dataset
                 log.exception("rank %d: encoding %s/%s failed", self.rank, spec.name, role)
                 error = f"rank {self.rank} failed encoding {spec.name}/{role}: {exc}"
         what = f"gathering the features of {spec.name}/{role}"
-        meta = self._all_gather(what, (len(projected), projected.shape[1], pre.shape[1], error))
+        meta = self._all_gather(what, (len(projected), projected.shape[1], pre.shape[1], error, bad))
         errors = [m[3] for m in meta if m[3] is not None]
         if errors:
             if self.is_main:
@@ -331,7 +340,8 @@ class DistContext:
         if not self.is_main:
             return None
         log.info("%s/%s: gathered %s images from %d ranks", spec.name, role, counts, self.world_size)
-        return gathered[0], gathered[1]
+        # shards are contiguous blocks in rank order, so their bad indices merge in index order
+        return EncodedImages(gathered[0], gathered[1], {i: r for m in meta for i, r in m[4].items()})
 
     def _gather_rows(self, what: str, local: np.ndarray, counts: list[int], dim: int) -> np.ndarray | None:
         """Concatenate every rank's ``(counts[r], dim)`` float32 rows on rank 0, in rank order.

@@ -7,24 +7,34 @@ so an interrupted run never leaves a half-written file and a rerun resumes from 
 
 Extraction takes an optional index list so that one split can be sharded across
 ``torch.distributed`` ranks and gathered (see :mod:`clipbench.distributed`).
+
+Bad samples: an image that cannot be read (decode error, missing file, decompression bomb) is
+caught per image in the DataLoader worker; the batch goes on without it and the encoder reports its
+position and reason. The cache entry stores the positions encoded (``kept``) and the reasons of the
+others (``bad_reasons``), so a cache hit knows them too; :func:`image_features` then applies the
+run's ``--on-bad-image`` policy: ``fail`` raises :class:`BadImagesError`, ``skip`` returns the
+features of the readable samples with :attr:`ImageFeatures.kept` and :attr:`ImageFeatures.skipped`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from clipbench.atomic import atomic_open
+from clipbench.errors import ClipbenchError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +49,9 @@ class ImageFeatures:
     projected: (N, D) float32, L2-normalized embeddings (after the projection).
     pre_projection: (N, P) float32 image features before the final projection (linear probes).
     targets: (N,) int64 or (N, C) uint8 labels, or None for retrieval splits.
+    kept: positions in the split of the N samples the rows belong to, when unreadable samples were
+        skipped (``--on-bad-image skip``); None when every sample was read.
+    skipped: the sample ids left out, in split order (empty when none).
     """
 
     projected: np.ndarray
@@ -47,6 +60,29 @@ class ImageFeatures:
     pre_projection_kind: str
     from_cache: bool = False
     seconds: float = 0.0
+    kept: np.ndarray | None = None
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EncodedImages:
+    """What an image encoder returns: rows of the readable samples, in the order asked for.
+
+    projected: (n, D) float32 L2-normalized; pre_projection: (n, P) float32;
+    bad: sample index -> why it could not be read (its row is absent), in index order.
+    """
+
+    projected: np.ndarray
+    pre_projection: np.ndarray
+    bad: dict[int, str] = field(default_factory=dict)
+
+
+class BadImagesError(ClipbenchError):
+    """A split has images that cannot be read and the run's policy is ``--on-bad-image fail``."""
+
+
+#: how many bad samples a message or a log line names
+SHOWN_BAD = 10
 
 
 class FeatureCache:
@@ -138,19 +174,59 @@ def image_cache_key(model: Any, spec: Any, role: str, samples: Any) -> dict[str,
     }
 
 
-class _PreprocessedImages(Dataset):
-    """Applies the model's eval transform in DataLoader workers; yields (pixels, position)."""
+@contextlib.contextmanager
+def pixel_limit(max_image_pixels: int | None) -> Iterator[None]:
+    """Pillow's decompression-bomb limit set to ``max_image_pixels`` (0: none; None: unchanged)
+    while decoding, then restored (in DataLoader workers as in the main process)."""
+    if max_image_pixels is None:
+        yield
+        return
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_image_pixels or None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
-    def __init__(self, samples: Any, preprocess: Any, indices: Sequence[int]):
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why an image could not be read (and, for a bomb, how to allow it)."""
+    text = " ".join(str(exc).split())[:300] or "no message"
+    if isinstance(exc, Image.DecompressionBombError):
+        return (f"{type(exc).__name__}: {text} (the limit is twice --max-image-pixels, now "
+                f"{Image.MAX_IMAGE_PIXELS}; if the image is genuine, raise it with --max-image-pixels N, "
+                "0 for no limit)")
+    return f"{type(exc).__name__}: {text}"
+
+
+class _PreprocessedImages(Dataset):
+    """Applies the model's eval transform in DataLoader workers; yields (pixels, position, None),
+    or (None, position, reason) for an image that cannot be read, so the batch goes on."""
+
+    def __init__(self, samples: Any, preprocess: Any, indices: Sequence[int],
+                 max_image_pixels: int | None = None):
         self.samples = samples
         self.preprocess = preprocess
         self.indices = list(indices)
+        self.max_image_pixels = max_image_pixels
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, position: int):
-        return self.preprocess(self.samples.load_image(self.indices[position])), position
+        with pixel_limit(self.max_image_pixels):  # set here: workers do not share the parent's
+            try:
+                return self.preprocess(self.samples.load_image(self.indices[position])), position, None
+            except Exception as exc:  # any loader's failure is this sample's, not the run's
+                return None, position, _reason(exc)
+
+
+def _collate(batch: list[tuple[Any, int, str | None]]) -> tuple[torch.Tensor | None, list[int], dict[int, str]]:
+    """(pixels of the readable items or None, their positions, position -> reason of the others)."""
+    good = [(pixels, position) for pixels, position, reason in batch if reason is None]
+    bad = {position: reason for _, position, reason in batch if reason is not None}
+    pixels = torch.stack([p for p, _ in good]) if good else None
+    return pixels, [position for _, position in good], bad
 
 
 def encode_image_batches(
@@ -161,33 +237,60 @@ def encode_image_batches(
     batch_size: int = 256,
     workers: int = 4,
     desc: str = "images",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Encode ``samples[indices]`` (default: all) in order.
+    max_image_pixels: int | None = None,
+) -> EncodedImages:
+    """Encode ``samples[indices]`` (default: all) in order; unreadable images are left out and
+    reported in :attr:`EncodedImages.bad` (by sample index) with the reason.
 
-    Returns:
-        (projected (n, D) float32 L2-normalized, pre_projection (n, P) float32).
+    Batches are those of ``indices`` (``[0, b)``, ``[b, 2b)``, ...) less their unreadable images.
     """
     indices = list(range(len(samples))) if indices is None else list(indices)
     device = torch.device(model.device)
     loader = DataLoader(
-        _PreprocessedImages(samples, model.preprocess, indices),
+        _PreprocessedImages(samples, model.preprocess, indices, max_image_pixels),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
+        collate_fn=_collate,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
     )
     projected: list[np.ndarray] = []
     pre: list[np.ndarray] = []
+    bad: dict[int, str] = {}
     with torch.inference_mode(), model.autocast():
-        for pixels, _ in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+        for pixels, _, bad_here in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+            bad.update({indices[position]: reason for position, reason in bad_here.items()})
+            if pixels is None:
+                continue
             proj, before = model.encode_images(pixels.to(device, non_blocking=True))
             projected.append(proj.float().cpu().numpy())
             pre.append(before.float().cpu().numpy())
     if not projected:
-        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
-    return np.concatenate(projected), np.concatenate(pre)
+        return EncodedImages(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), bad)
+    return EncodedImages(np.concatenate(projected), np.concatenate(pre), bad)
+
+
+def _kept_of(cached: dict[str, np.ndarray], n: int) -> np.ndarray | None:
+    """The positions a cache entry's rows belong to (entries before ``kept``: all), or None when
+    the entry does not fit a split of ``n`` samples."""
+    kept = cached.get("kept")
+    kept = np.arange(n, dtype=np.int64) if kept is None else np.asarray(kept, dtype=np.int64)
+    fits = (len(cached["projected"]) == len(kept) and (len(kept) == 0 or (kept[0] >= 0 and kept[-1] < n))
+            and bool(np.all(np.diff(kept) > 0)))
+    return kept if fits else None
+
+
+def bad_images_message(spec_name: str, role: str, samples: Any, bad: dict[int, str]) -> str:
+    """The paragraph of a split that fails on its unreadable images."""
+    shown = ", ".join(samples.id_of(i) for i in list(bad)[:SHOWN_BAD])
+    more = f" and {len(bad) - SHOWN_BAD} more" if len(bad) > SHOWN_BAD else ""
+    first = next(iter(bad.values()))
+    where = f" ({samples.description})" if getattr(samples, "description", "") else ""
+    return (f"{spec_name}/{role}: {len(bad)} of {len(samples)} images cannot be read{where}: {shown}{more}. "
+            f"First reason: {first}. Repair or remove these files (for a table, its rows), or pass "
+            "--on-bad-image skip to leave them out (records then list them).")
 
 
 def image_features(
@@ -200,29 +303,62 @@ def image_features(
     batch_size: int = 256,
     workers: int = 4,
     encoder: Any = None,
+    on_bad_image: str = "fail",
+    max_image_pixels: int | None = None,
 ) -> ImageFeatures:
     """Image features of one split, from the cache or computed (and cached).
 
     ``encoder`` replaces :func:`encode_image_batches` (the distributed runner passes a sharded one).
+    Unreadable images (``max_image_pixels``: see :func:`pixel_limit`) are handled by
+    ``on_bad_image``: ``fail`` raises, ``skip`` leaves them out (see :class:`ImageFeatures`).
+
+    Raises:
+        BadImagesError: ``on_bad_image="fail"`` and some images cannot be read (also on a cache
+            hit: the entry remembers them).
     """
     import time
 
     parts = image_cache_key(model, spec, role, samples)
+    if max_image_pixels is not None:
+        # which images decode depends on the limit; the default adds no key part, so the keys of
+        # entries made under Pillow's default limit stay what they were
+        parts["max_image_pixels"] = max_image_pixels
     key = FeatureCache.digest(parts)
     kind = getattr(model, "pre_projection_kind", "before_projection")
-    cached = cache.load("image", key, {"projected": (len(samples), None), "pre_projection": (len(samples), None)})
-    if cached is not None:
+    # rows: the split's readable images (``kept``), checked against the split by _kept_of
+    cached = cache.load("image", key, {"projected": (None, None), "pre_projection": (None, None)})
+    kept = _kept_of(cached, len(samples)) if cached is not None else None
+    if kept is not None:
         log.info("%s/%s: image features from cache (%s)", spec.name, role, key[:12])
-        return ImageFeatures(cached["projected"], cached["pre_projection"], samples.targets, kind, True)
-    start = time.perf_counter()
-    encode = encoder or encode_image_batches
-    projected, pre = encode(
-        model, samples, batch_size=batch_size, workers=workers, desc=f"{spec.name}/{role}"
-    )
-    seconds = time.perf_counter() - start
-    cache.save("image", key, {"projected": projected, "pre_projection": pre},
-               {**parts, "n": len(samples), "seconds": seconds})
-    return ImageFeatures(projected, pre, samples.targets, kind, False, seconds)
+        missing = np.setdiff1d(np.arange(len(samples)), kept)
+        reasons = list(cached.get("bad_reasons", ()))
+        reasons += ["unreadable (reason not stored)"] * (len(missing) - len(reasons))
+        bad = {int(i): str(r) for i, r in zip(missing, reasons)}
+        projected, pre, from_cache, seconds = cached["projected"], cached["pre_projection"], True, 0.0
+    else:
+        start = time.perf_counter()
+        encode = encoder or encode_image_batches
+        encoded = encode(model, samples, batch_size=batch_size, workers=workers, desc=f"{spec.name}/{role}",
+                         max_image_pixels=max_image_pixels)
+        seconds = time.perf_counter() - start
+        bad = dict(sorted(encoded.bad.items()))
+        kept = np.setdiff1d(np.arange(len(samples), dtype=np.int64), np.fromiter(bad, np.int64, len(bad)))
+        projected, pre, from_cache = encoded.projected, encoded.pre_projection, False
+        # cached under either policy: the readable images' features do not depend on it
+        cache.save("image", key, {"projected": projected, "pre_projection": pre, "kept": kept,
+                                  "bad_reasons": np.asarray(list(bad.values()), dtype=str)},
+                   {**parts, "n": len(kept), "n_split": len(samples), "n_unreadable": len(bad),
+                    "seconds": seconds})
+    if not bad:
+        return ImageFeatures(projected, pre, samples.targets, kind, from_cache, seconds)
+    if on_bad_image != "skip" or len(kept) == 0:
+        raise BadImagesError(bad_images_message(spec.name, role, samples, bad))
+    skipped = [samples.id_of(i) for i in bad]
+    log.warning("%s/%s: skipped %d of %d images that cannot be read (--on-bad-image skip): %s%s; first "
+                "reason: %s", spec.name, role, len(bad), len(samples), ", ".join(skipped[:SHOWN_BAD]),
+                " ..." if len(skipped) > SHOWN_BAD else "", next(iter(bad.values())))
+    targets = samples.targets[kept] if samples.targets is not None else None
+    return ImageFeatures(projected, pre, targets, kind, from_cache, seconds, kept=kept, skipped=skipped)
 
 
 def text_features(

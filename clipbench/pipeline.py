@@ -79,8 +79,8 @@ class Evaluator:
 
     ``config`` is completed with :meth:`RunConfig.resolved` (its ``model`` fields are ignored:
     ``model`` is the loaded one). ``encoder``, when given, encodes a split's images on a cache
-    miss; it is called as ``encoder(model, samples, spec=, role=, batch_size=, workers=, desc=)``
-    and returns what :func:`clipbench.features.encode_image_batches` does (``torchrun`` runs
+    miss; it is called as ``encoder(model, samples, spec=, role=, batch_size=, workers=, desc=,
+    max_image_pixels=)`` and returns what :func:`clipbench.features.encode_image_batches` does (``torchrun`` runs
     pass :meth:`clipbench.distributed.DistContext.encode`, which shards the split across ranks).
     """
 
@@ -112,7 +112,11 @@ class Evaluator:
             feats = image_features(self.model, spec, role, samples, self.cache,
                                    batch_size=self.config.batch_size, workers=self.config.workers,
                                    encoder=functools.partial(self.encoder, spec=spec, role=role)
-                                   if self.encoder is not None else None)
+                                   if self.encoder is not None else None,
+                                   on_bad_image=self.config.on_bad_image,
+                                   max_image_pixels=self.config.max_image_pixels)
+            if feats.kept is not None:  # --on-bad-image skip left samples out: the split is the rest
+                samples = samples.subset(feats.kept)
             self._current[key] = (feats, samples)
         return self._current[key]
 
@@ -154,6 +158,12 @@ class Evaluator:
         settings["dataset_spec"] = {"file": str(spec.file), "data_digest": spec.data_digest(),
                                     "eval_digest": spec.eval_digest()}
         settings["metric_version"] = results.METRIC_VERSION
+        if self.config.on_bad_image != RunConfig.default("on_bad_image"):
+            # skipping changes which samples are scored (and the pixel limit, which are skipped), so
+            # such a record is never reused under the other policy; added only off the default so the
+            # digests of records made before the option existed stay valid
+            settings["on_bad_image"] = self.config.on_bad_image
+            settings["max_image_pixels"] = self.config.max_image_pixels
         if task.needs(spec).text == "class_prompts":
             classnames, templates, _ = prompts_for(spec, self.config, Path(self.config.data_root))
             settings["prompts_digest"] = _digest([classnames, templates])
@@ -188,12 +198,13 @@ class Evaluator:
     def _compute(self, spec: DatasetSpec, task: Task, settings: dict[str, Any]):
         needs = task.needs(spec)
         t0 = time.perf_counter()
-        images, feature_seconds, test_samples = {}, 0.0, None
+        images, feature_seconds, test_samples, skipped = {}, 0.0, None, {}
         for role in needs.roles:
             if role != "test" and spec.split(role) is None:
                 continue  # e.g. no val split: the task carves one from train
             held = (spec.name, role) in self._current  # encoded (or read) for an earlier task
             feats, samples = self.split_features(spec, role)
+            skipped.update(dict.fromkeys(feats.skipped))  # ordered, each id once
             images[role] = FeatureSplit(feats.projected, feats.pre_projection, feats.targets,
                                         feats.pre_projection_kind)
             feature_seconds += 0.0 if held else feats.seconds  # what this record spent
@@ -227,7 +238,7 @@ class Evaluator:
         record = results.Record(
             model=self.model.name, pretrained=self.model.pretrained, dataset=spec.name, task=task.name,
             split="test", metrics=output.metrics, primary_metric=output.primary_metric or spec.primary_metric,
-            n_samples=output.n_samples,
+            n_samples=output.n_samples, skipped=list(skipped),
             confidence_intervals={k: list(v) for k, v in output.confidence_intervals.items()},
             details=output.details, config={**output.config, **settings, "model": self.model.describe()},
             versions=self.versions,

@@ -13,6 +13,8 @@ from tabulate import tabulate
 from clipbench.errors import ClipbenchError
 
 FORMATS = ("markdown", "csv", "latex", "html")
+#: appended to a value computed with unreadable images skipped (``--on-bad-image skip``)
+SKIPPED_MARK = "†"
 
 
 @dataclass
@@ -23,6 +25,8 @@ class ReportTable:
     hold fractions (rendered as percent, one decimal; rows named `diff ...` with a sign);
     `ci_low`/`ci_high`/`std` (same shape as `frame`, or None) hold the matching interval bounds and
     standard deviations. Other value columns are rendered as they are (counts, shots per class).
+    `marked` (same shape, or None): cells flagged with :data:`SKIPPED_MARK` (a value computed with
+    unreadable images left out; a note says how many).
     """
 
     title: str
@@ -33,6 +37,7 @@ class ReportTable:
     ci_low: pd.DataFrame | None = None
     ci_high: pd.DataFrame | None = None
     std: pd.DataFrame | None = None
+    marked: pd.DataFrame | None = None
 
 
 def check_format(fmt: str) -> None:
@@ -65,8 +70,10 @@ def _display_rows(table: ReportTable) -> list[list[str]]:
                 for name in ("ci_low", "ci_high", "std")
                 if getattr(table, name) is not None and column in getattr(table, name).columns
             }
-            cells.append(format_cell(record[column], str(record["row"]), column in table.percent_columns,
-                               extra.get("ci_low"), extra.get("ci_high"), extra.get("std")))
+            text = format_cell(record[column], str(record["row"]), column in table.percent_columns,
+                               extra.get("ci_low"), extra.get("ci_high"), extra.get("std"))
+            marked = table.marked is not None and column in table.marked.columns and table.marked.at[i, column]
+            cells.append(f"{text} {SKIPPED_MARK}" if text and pd.notna(marked) and bool(marked) else text)
         rows.append(cells)
     return rows
 

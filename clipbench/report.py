@@ -28,7 +28,7 @@ from clipbench.reference import (
     normalized_name,
     paper_model,
 )
-from clipbench.render import FORMATS, ReportTable, check_format, format_cell, render_tables
+from clipbench.render import FORMATS, SKIPPED_MARK, ReportTable, check_format, format_cell, render_tables
 from clipbench.results import load_records, records_frame, safe_name
 
 log = logging.getLogger(__name__)
@@ -76,11 +76,21 @@ def _mean_columns(infos: Sequence[DatasetInfo], paper: list[str]) -> dict[str, l
     return {name: cols for name, cols in groups.items() if cols}
 
 
+def skipped_note(counts: Mapping[str, int]) -> str | None:
+    """The footnote of values computed with unreadable images skipped (``counts``: label -> n)."""
+    shown = {label: n for label, n in counts.items() if n}
+    if not shown:
+        return None
+    listed = ", ".join(f"{label} {n}" for label, n in shown.items())
+    return (f"{SKIPPED_MARK}: n images skipped as unreadable (--on-bad-image skip; the records list "
+            f"them): {listed}.")
+
+
 def _score_table(sub: pd.DataFrame, task: str, infos: Mapping[str, DatasetInfo], ref: PaperReference) -> ReportTable:
     names = _ordered_datasets(sub["dataset"], infos, ref.datasets)
     labels = [infos[n].label for n in names]
     means = _mean_columns([infos[n] for n in names], ref.datasets)
-    rows, lows, highs = [], [], []
+    rows, lows, highs, marks, skipped = [], [], [], [], {}
     paper_rows = 0
     for (model, pretrained), group in sub.groupby(["model", "pretrained"], sort=True):
         label = _model_label(model, pretrained)
@@ -89,6 +99,10 @@ def _score_table(sub: pd.DataFrame, task: str, infos: Mapping[str, DatasetInfo],
         rows.append({"model": label, "row": "ours", **ours.to_dict(), **_means(ours, means)})
         lows.append(by_label["ci_low"].reindex(labels).astype(float).to_dict())
         highs.append(by_label["ci_high"].reindex(labels).astype(float).to_dict())
+        counts = (by_label["skipped"] if "skipped" in by_label else pd.Series(0, by_label.index)
+                  ).reindex(labels).fillna(0).astype(int)
+        marks.append((counts > 0).to_dict())
+        skipped.update({f"{lab}, {label}": int(n) for lab, n in counts.items() if n})
         model_id = paper_model(model, pretrained)
         paper_row = ref.classification_row(task, model_id) if model_id else None
         if paper_row is None:
@@ -105,6 +119,7 @@ def _score_table(sub: pd.DataFrame, task: str, infos: Mapping[str, DatasetInfo],
                      **{g: ours_means[g] - paper_means[g] for g in means}})
         lows.extend([{}, {}])
         highs.extend([{}, {}])
+        marks.extend([{}, {}])
     columns = ["model", "row", *labels, *means]
     frame = pd.DataFrame(rows, columns=columns)
     notes = [f"Primary metric per dataset, percent. {len(names)} datasets."]
@@ -116,6 +131,9 @@ def _score_table(sub: pd.DataFrame, task: str, infos: Mapping[str, DatasetInfo],
     has_ci = ci_low[labels].notna().to_numpy().any()
     if has_ci:
         notes.append("[low, high]: confidence interval of our value, as recorded.")
+    note = skipped_note(skipped)
+    if note:
+        notes.append(note)
     return ReportTable(
         title=task_title(task),
         task=task,
@@ -124,6 +142,7 @@ def _score_table(sub: pd.DataFrame, task: str, infos: Mapping[str, DatasetInfo],
         notes=notes,
         ci_low=ci_low if has_ci else None,
         ci_high=ci_high if has_ci else None,
+        marked=pd.DataFrame(marks, columns=columns).reindex(frame.index) if note else None,
     )
 
 
@@ -328,7 +347,7 @@ def summary_table(records: list[dict], datasets: DatasetLookup | None = None) ->
     """
     frame = records_frame(records)
     ref = load_paper_reference()
-    rows = []
+    rows, skipped = [], {}
     for _, r in frame.iterrows():
         info = dataset_info(r["dataset"], datasets)
         model_id = paper_model(r["model"], r["pretrained"])
@@ -342,13 +361,18 @@ def summary_table(records: list[dict], datasets: DatasetLookup | None = None) ->
         metric = str(r["primary_metric"]) + (f" (k={r['k']})" if pd.notna(r["k"]) else "")
         std = r["std"] if pd.notna(r["k"]) else None
         diff = r["value"] - paper if paper is not None else None
-        rows.append([r["model"], r["pretrained"], r["dataset"], r["task"], metric,
-                     format_cell(r["value"], "", True, r["ci_low"], r["ci_high"], std),
+        value = format_cell(r["value"], "", True, r["ci_low"], r["ci_high"], std)
+        if r["skipped"]:
+            value += f" {SKIPPED_MARK}"
+            skipped[f"{r['dataset']}/{r['task']}"] = int(r["skipped"])
+        rows.append([r["model"], r["pretrained"], r["dataset"], r["task"], metric, value,
                      format_cell(paper, "", True), format_cell(diff, "diff", True)])
     headers = ["model", "pretrained", "dataset", "task", "metric", "value (%)", "paper (%)", "diff"]
     if rows and all(row[-2] == "" for row in rows):  # nothing the paper evaluated: no empty columns
         headers, rows = headers[:-2], [row[:-2] for row in rows]
-    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    table = tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+    note = skipped_note(skipped)
+    return f"{table}\n\n{note}" if note else table
 
 
 # --------------------------------------------------------------------------- plots and CLI

@@ -47,6 +47,9 @@ class Record:
     metrics: dict[str, float]
     primary_metric: str
     n_samples: int
+    #: ids of samples left out as unreadable (``--on-bad-image skip``), of every split the record
+    #: used; ``n_samples`` counts the evaluated test samples only. Older records lack it: empty.
+    skipped: list[str] = field(default_factory=list)
     confidence_intervals: dict[str, list[float]] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -257,7 +260,7 @@ def package_versions() -> dict[str, str]:
 
 _FRAME_COLUMNS = [
     "model", "pretrained", "dataset", "task", "primary_metric", "value", "ci_low", "ci_high",
-    "n_samples", "k", "std", "metrics", "origin", "source",
+    "n_samples", "k", "std", "metrics", "origin", "source", "skipped",
 ]
 
 
@@ -300,6 +303,7 @@ def records_frame(
             "metrics": metrics,
             "origin": origin,
             "source": source,
+            "skipped": len(record.get("skipped") or ()),  # images left out as unreadable
         }
         shots = (record.get("details") or {}).get("k") if record["task"] == "few_shot" else None
         if shots:
@@ -330,7 +334,8 @@ def load_records(paths: Sequence[Path], datasets: DatasetLookup | None = None) -
     Accepts clipbench records and clip_benchmark result files; `*.per_class.json` sidecars are
     skipped, other JSON files are skipped with a warning. Columns: model, pretrained, dataset, task,
     primary_metric, value (fraction), ci_low, ci_high, n_samples, k (few-shot shots per class, one row
-    per k; <NA> otherwise), std (few-shot std over seeds), metrics (dict), origin, source (file path).
+    per k; <NA> otherwise), std (few-shot std over seeds), metrics (dict), origin, source (file path),
+    skipped (how many images the record left out as unreadable).
     When two files hold the same model × pretrained × dataset × task, the later path wins (warned).
     """
     records, sources, origins = [], [], []

@@ -73,7 +73,24 @@ def load_split(
         raise ClipbenchError(f"Dataset '{spec.name}' has no '{role}' split in its spec ({spec.file}).")
     fmt = get_format(spec.source.type)
     samples = fmt.load(spec, role, Path(data_root), Path(cache_dir), allow_download)
+    _refuse_empty_captions(spec, role, samples)
     return _subsample(spec, role, samples)
+
+
+def _refuse_empty_captions(spec: "DatasetSpec", role: str, samples: Samples) -> None:
+    """An empty (or blank) caption would be scored as a retrieval query, and an image without one
+    can never be retrieved; whatever the format, such data is refused."""
+    if samples.captions is None:
+        return
+    bad = [i for i, captions in enumerate(samples.captions) if not captions or any(not c.strip() for c in captions)]
+    if not bad:
+        return
+    ids = ", ".join(samples.id_of(i) for i in bad[:10])
+    raise ClipbenchError(
+        f"{spec.name}/{role}: {len(bad)} image(s) have an empty caption or none ({samples.description}): "
+        f"{ids}{' ...' if len(bad) > 10 else ''}. An empty caption would be scored as a retrieval "
+        "query; fill in or remove those captions (or the images' rows)."
+    )
 
 
 def _subsample(spec: "DatasetSpec", role: str, samples: Samples) -> Samples:

@@ -48,6 +48,10 @@ class Samples:
         target = self.targets[index] if self.targets is not None else index
         return image, target
 
+    def id_of(self, index: int) -> str:
+        """How messages and records name sample ``index``: its id, else ``#index``."""
+        return str(self.ids[index]) if self.ids is not None else f"#{index}"
+
     def subset(self, indices: np.ndarray, description: str | None = None) -> "Samples":
         """A new :class:`Samples` over ``indices`` (in that order)."""
         indices = np.asarray(indices, dtype=np.int64)
@@ -108,6 +112,11 @@ class FileStats:
             for path in self._files():
                 try:
                     st = os.stat(path)
+                    stat = f"{st.st_size}\0{st.st_mtime_ns}"
+                except FileNotFoundError:
+                    # listed but absent (a table row naming a deleted image): its sample fails to
+                    # load and --on-bad-image decides; restoring the file changes the fingerprint
+                    stat = "missing"
                 except OSError as exc:
                     raise ClipbenchError(f"Cannot read {path} ({exc.strerror}): restore the file or "
                                          "remove it from the dataset.") from None
@@ -117,7 +126,7 @@ class FileStats:
                     name = path[len(prefix):]
                 else:
                     name = os.path.relpath(path, self.relative_to)
-                lines.append(f"{name}\0{st.st_size}\0{st.st_mtime_ns}")
+                lines.append(f"{name}\0{stat}")
             self._value = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
         return self._value
 
@@ -138,29 +147,72 @@ class _IndexedLoader:
 
 
 class FileImageLoader:
-    """Loads ``paths[i]`` as an RGB PIL image (picklable)."""
+    """Loads ``paths[i]`` as an RGB PIL image with :func:`to_rgb` (picklable)."""
 
     def __init__(self, paths: Sequence[Path | str]):
         self.paths = [str(p) for p in paths]
 
     def __call__(self, i: int) -> Image.Image:
         with Image.open(self.paths[i]) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
+
+
+#: 16-bit grayscale modes (PNG, TIFF)
+_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 def to_rgb(image: Any) -> Image.Image:
-    """Coerce a decoded image value (PIL, bytes dict from HF `datasets`, numpy array) to RGB PIL."""
+    """Coerce a decoded image value (PIL image, HF `datasets` dict of bytes or a path, numpy array)
+    to an 8-bit RGB PIL image: the one conversion every storage format uses.
+
+    - 16-bit grayscale (modes ``I;16*``, ``uint16`` arrays) is scaled to 8 bits (``round(v / 257)``:
+      65535 -> 255), not clipped at 255 as ``Image.convert`` does; 32-bit integers (mode ``I``,
+      wider integer arrays) are scaled the same way when a value exceeds 255, else taken as 8-bit;
+    - float images (mode ``F``, float arrays) whose values lie in [0, 1] are scaled by 255, others
+      are taken as [0, 255]; both are clipped to that range and rounded;
+    - an alpha channel (``RGBA``, ``LA``, ``PA``, a palette with transparency) is dropped, as
+      ``convert("RGB")`` in the CLIP, open_clip and clip_benchmark pipelines does, so numbers stay
+      comparable with theirs; palette, CMYK, YCbCr, 1-bit and 8-bit grayscale images are converted
+      by Pillow.
+    """
     if isinstance(image, Image.Image):
+        image.load()  # decode errors surface here, inside the caller's file context
+        if image.mode in _16BIT_MODES:
+            return _gray_to_rgb(np.asarray(image).astype(np.uint16))
+        if image.mode in ("I", "F"):
+            return _gray_to_rgb(np.asarray(image))
         return image.convert("RGB")
     if isinstance(image, dict):
         if image.get("bytes") is not None:
             import io
 
             with Image.open(io.BytesIO(image["bytes"])) as img:
-                return img.convert("RGB")
+                return to_rgb(img)
         if image.get("path"):
             with Image.open(image["path"]) as img:
-                return img.convert("RGB")
+                return to_rgb(img)
     if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 and image.ndim == 2:
+            return _gray_to_rgb(image)
+        if image.dtype != np.uint8:
+            return Image.fromarray(_to_uint8(image)).convert("RGB")
         return Image.fromarray(image).convert("RGB")
     raise TypeError(f"cannot turn a {type(image).__name__} into an image")
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """Integer values wider than 8 bits scaled by 1/257 (16-bit range); floats per :func:`to_rgb`."""
+    if np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        scale = 255.0 if finite.size and finite.min() >= 0 and finite.max() <= 1 else 1.0
+        return np.clip(np.nan_to_num(values * scale), 0, 255).round().astype(np.uint8)
+    if np.issubdtype(values.dtype, np.bool_):
+        return values.astype(np.uint8) * 255
+    if values.dtype != np.uint16 and (values.size == 0 or values.max() <= 255):
+        return np.clip(values, 0, 255).astype(np.uint8)
+    return np.clip(np.rint(values.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+
+
+def _gray_to_rgb(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(_to_uint8(values)).convert("RGB")

@@ -1,4 +1,10 @@
-"""Storage format ``imagefolder``: a plain image folder, ``<root>/<split>/<class folder>/<image>``."""
+"""Storage format ``imagefolder``: a plain image folder, ``<root>/<split>/<class folder>/<image>``.
+
+Every class must have its folder and every folder at least one image: a class without images would
+vanish from the metrics (accuracy over the other classes, a mean per-class recall over fewer
+classes) without a word, so a missing or empty class folder, or a folder count other than the
+spec's ``num_classes``, is refused with the folders named rather than warned about.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +40,8 @@ class ImageFolderFormat(SourceFormat):
     @staticmethod
     def read(spec: "DatasetSpec", role: str, root: Path, options: ImageFolderOptions) -> Samples:
         """The split of an image folder at ``root`` (also used for generated data)."""
-        return load_imagefolder(root, str(spec.split(role)), options.class_folders, spec.classnames)
+        return load_imagefolder(root, str(spec.split(role)), options.class_folders, spec.classnames,
+                                num_classes=spec.num_classes)
 
 
 def folder_order(present: Sequence[str], classnames: Sequence[str] | None, split_dir: Path) -> list[str]:
@@ -67,12 +74,16 @@ def _preview(names: Sequence[str], n: int = 6) -> str:
 
 def load_imagefolder(
     root: Path, split: str, class_folders: Sequence[str] | None = None,
-    classnames: Sequence[str] | None = None,
+    classnames: Sequence[str] | None = None, *, num_classes: int | None = None,
 ) -> Samples:
     """Read ``root/split/<class>/*``; class index = position in ``class_folders``, else the folders
     matched to ``classnames`` by name (:func:`folder_order`), else sorted folder names.
 
     Files are taken in sorted order within each class, so the sample order is deterministic.
+
+    Raises:
+        ClipbenchError: a class folder missing or without images, or ``num_classes`` classes
+            declared over another number of class folders.
     """
     split_dir = root / split
     if not split_dir.is_dir():
@@ -88,17 +99,37 @@ def load_imagefolder(
             f"{split_dir} has class folders that the spec's class list lacks: {unknown[:5]}. "
             "Add them to source.class_folders or remove them."
         )
+    if num_classes is not None and len(folders) != num_classes:
+        raise ClipbenchError(
+            f"The spec declares {num_classes} classes but {split_dir} has {len(folders)} class folders "
+            f"({_preview(folders)}). Add the missing class folders, or correct num_classes (and the "
+            "classnames / source.class_folders) in the spec."
+        )
     paths: list[Path] = []
     labels: list[int] = []
+    absent, empty = [], []
     for index, folder in enumerate(folders):
         class_dir = split_dir / folder
         if not class_dir.is_dir():
+            absent.append(folder)
             continue
         files = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            empty.append(folder)
         paths.extend(files)
         labels.extend([index] * len(files))
     if not paths:
         raise ClipbenchError(f"No images found under {split_dir} (extensions {IMAGE_EXTENSIONS}).")
+    if absent or empty:
+        what = "; ".join(part for part in (
+            f"missing class folders {_preview(absent)}" if absent else "",
+            f"class folders without images ({', '.join(IMAGE_EXTENSIONS)}) {_preview(empty)}" if empty else "",
+        ) if part)
+        raise ClipbenchError(
+            f"{split_dir}: {what}. Their classes would silently drop out of the metrics. Put the "
+            "class's images there, or remove the class from the spec (classnames, num_classes, "
+            "source.class_folders)."
+        )
     return Samples(
         load_image=FileImageLoader(paths),
         size=len(paths),

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from clipbench.atomic import atomic_open
-from clipbench.data.base import FileStats, Samples, class_key
+from clipbench.data.base import FileStats, Samples, class_key, to_rgb
 from clipbench.data.formats import SourceFormat, register_format
 from clipbench.errors import ClipbenchError
 
@@ -93,14 +93,14 @@ def middle_frame(video: Path) -> Image.Image:
             for index, frame in enumerate(container.decode(stream)):
                 last = frame
                 if index == target:
-                    return frame.to_image().convert("RGB")
+                    return to_rgb(frame.to_image())
     except av.error.FFmpegError as exc:
         raise ClipbenchError(f"Cannot decode video {video}: {exc}. Re-download or remove the file.") from None
     if last is None:
         raise ClipbenchError(f"{video} has no decodable frames; re-download or remove the file.")
     # the header over-counted (truncated file): the last decodable frame is the best stand-in
     log.warning("%s: header says %d frames but fewer decode; using the last one", video, count)
-    return last.to_image().convert("RGB")
+    return to_rgb(last.to_image())
 
 
 def _atomic_save_png(image: Image.Image, path: Path) -> None:
@@ -124,7 +124,7 @@ class MiddleFrameLoader:
         if not frame_path.is_file():
             _atomic_save_png(middle_frame(Path(self.videos[i])), frame_path)
         with Image.open(frame_path) as img:
-            return img.convert("RGB")
+            return to_rgb(img)
 
 
 def _frame_path(cache_dir: Path, relpath: str, video: Path) -> Path:
