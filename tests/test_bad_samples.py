@@ -233,8 +233,8 @@ def test_a_record_without_the_skipped_field_reads_as_nothing_skipped(tmp_path):
 
 
 def test_the_report_marks_numbers_computed_with_skipped_images():
-    from clipbench.report import report_tables, summary_table
     from clipbench.render import render_tables
+    from clipbench.report import report_tables, summary_table
     from clipbench.results import records_frame
 
     base = {"model": "m", "pretrained": "p", "task": "zeroshot", "split": "test", "primary_metric": "accuracy"}
