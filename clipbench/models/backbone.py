@@ -49,7 +49,7 @@ class BackboneModel:
 
     name: str
     pretrained: str
-    module: torch.nn.Module
+    module: torch.nn.Module = dataclasses.field(repr=False)
     preprocess: Callable[[Any], torch.Tensor]
     device: str
     precision: str
@@ -164,8 +164,15 @@ def load_checkpoint(build: Callable[[int | None], torch.nn.Module], head: str, p
     """
     state = read_state_dict(path)
     head_weight = state.get(f"{head}.weight")
-    model = build(None if head_weight is None else int(head_weight.shape[0]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    fix = "Check that --model names the architecture the checkpoint was saved from."
+    try:
+        model = build(None if head_weight is None else int(head_weight.shape[0]))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # tensors of other shapes
+        lines = str(error).strip().splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise ClipbenchError(f"The checkpoint {path} does not fit {label}: {detail[:300]} "
+                             f"({len(lines) - 1} such tensors). {fix}") from error
     has_head = any(k.startswith(f"{head}.") for k in state)
     missing = [k for k in missing if has_head or not k.startswith(f"{head}.")]
     if missing or unexpected:
@@ -173,7 +180,7 @@ def load_checkpoint(build: Callable[[int | None], torch.nn.Module], head: str, p
                  f"{len(unexpected)} unexpected ({', '.join(unexpected[:4])}...)" if unexpected else ""]
         raise ClipbenchError(
             f"The checkpoint {path} does not fit {label}: {' and '.join(p for p in parts if p)} "
-            f"tensors. Check that --model names the architecture the checkpoint was saved from."
+            f"tensors. {fix}"
         )
     return model
 
