@@ -261,3 +261,31 @@ def test_cli_runs_a_torchvision_checkpoint_and_reports_it_as_the_measured_baseli
     (record_file,) = out.rglob("linear_probe.json")
     record = json.loads(record_file.read_text())
     assert record["model"] == f"torchvision:{TV_ARCH}" and record["config"]["model"]["feature_dim"] == 512
+
+    # another model's records (copies with other numbers) reported against the measured baseline
+    from test_report import markdown_section, row_of
+
+    other = tmp_path / "other" / "ViT-S-32-alt__none" / "colours"
+    other.mkdir(parents=True)
+    for task, accuracy in (("linear_probe", 0.5), ("zeroshot", 0.25)):
+        copy = {**record, "model": "ViT-S-32-alt", "pretrained": "none", "task": task,
+                "metrics": {**record["metrics"], "accuracy": accuracy}, "confidence_intervals": {}}
+        (other / f"{task}.json").write_text(json.dumps(copy))
+    measured = record["metrics"]["accuracy"]
+    for baseline, results_dirs in ((str(out), [tmp_path / "other"]),
+                                   (f"torchvision:{TV_ARCH}", [tmp_path / "other", out])):
+        capsys.readouterr()
+        assert main(["report", *map(str, results_dirs), "--baseline", baseline]) == 0
+        text = capsys.readouterr().out
+        for task, accuracy in (("Linear probe", 0.5), ("Zero-shot", 0.25)):
+            label = f"torchvision:{TV_ARCH} ({tv_state[1]})"
+            header, body = markdown_section(text, f"{task} vs baseline {label} (measured)")
+            base = row_of(body, header, f"{label} (measured)", "baseline")
+            assert base["colours"] == f"{100 * measured:.1f}"
+            diff = row_of(body, header, "ViT-S-32-alt (none)", f"diff vs {label}")
+            assert float(diff["colours"]) == pytest.approx(100 * (accuracy - measured), abs=0.05)
+            assert len(body) == 2  # the baseline is not compared with itself
+        assert "baseline (measured)" in text and "(paper, Table 10)" not in text
+    assert main(["report", str(out), "--baseline", "torchvision:resnet19"]) == 2
+    message = capsys.readouterr().err
+    assert "Unknown baseline 'torchvision:resnet19'" in message and "Close names: torchvision:resnet18" in message
