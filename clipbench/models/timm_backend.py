@@ -123,6 +123,7 @@ def load_timm(
     """
     import timm
     from timm.data import create_transform, resolve_data_config
+    from timm.models import get_pretrained_cfg
 
     arch, tag = _resolve(name)
     model_name = f"{arch}.{tag}" if tag else arch
@@ -131,7 +132,7 @@ def load_timm(
         def build(num_classes: int | None) -> torch.nn.Module:
             extra = {} if num_classes is None else {"num_classes": num_classes}
             return timm.create_model(model_name, pretrained=False, **extra)
-        head = timm.create_model(model_name, pretrained=False).pretrained_cfg["classifier"]
+        head = get_pretrained_cfg(model_name).classifier
         model = backbone.load_checkpoint(build, head if isinstance(head, str) else head[0], path,
                                          f"timm:{model_name}")
         label, kind, digest = str(path), "file", f"sha256:{weights.file_sha256(path, cache_dir)}"
@@ -146,7 +147,7 @@ def load_timm(
             f"timm:resnet50.a1_in1k); omit --pretrained for them."
         )
     else:
-        cfg = timm.create_model(model_name, pretrained=False).pretrained_cfg
+        cfg = get_pretrained_cfg(model_name).to_dict()  # the name's tag, else timm's default one
         tag = cfg["tag"]
         file = _cached_weights(f"{arch}.{tag}", cfg, hub_cache_dir, allow_download)
         if file is None:
