@@ -8,8 +8,10 @@ and figures drawn by `clipbench.plots` (`write_plots`). `register_cli` adds `cli
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -152,27 +154,115 @@ def baseline_differences(values: pd.Series, baseline: pd.Series) -> pd.Series:
     return (values[common].astype(float) - baseline[common].astype(float)).rename("difference")
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """The linear-probe row the report's Figure-5-style tables subtract.
+
+    `values` are fractions keyed by dataset label (the paper's column where there is one);
+    `source` is `paper` (a row of Table 10) or `measured` (clipbench linear_probe records);
+    `model` is the measured model's label in the records (None for the paper).
+    """
+
+    label: str
+    values: pd.Series
+    source: str
+    origin: str
+    model: str | None = None
+
+    @property
+    def row_name(self) -> str:
+        return f"{self.label} (paper, Table 10)" if self.source == "paper" else f"{self.label} (measured)"
+
+
+def _measured_baseline(df: pd.DataFrame, label: str, origin: str,
+                       infos: Mapping[str, DatasetInfo]) -> Baseline:
+    probe = df[(df["task"] == "linear_probe") & df["k"].isna()]
+    rows = probe[[_model_label(m, p) == label for m, p in zip(probe["model"], probe["pretrained"])]]
+    if rows.empty:
+        raise ClipbenchError(
+            f"The baseline {label!r} ({origin}) has no linear_probe records. Measure it with "
+            f"`clipbench run --model MODEL --tasks linear_probe` on the same datasets first."
+        )
+    values = pd.Series({infos[d].label: v for d, v in zip(rows["dataset"], rows["value"])}, dtype=float)
+    return Baseline(label, values, "measured", origin, model=label)
+
+
+def _labels_in(df: pd.DataFrame) -> dict[str, str]:
+    """Each model's label (`model (pretrained)`), and its bare model name where that is unique."""
+    labels = {_model_label(m, p): _model_label(m, p)
+              for m, p in df[["model", "pretrained"]].drop_duplicates().itertuples(index=False)}
+    bare = df[["model", "pretrained"]].drop_duplicates()["model"].value_counts()
+    for model in bare[bare == 1].index:
+        (pretrained,) = df[df["model"] == model]["pretrained"].unique()
+        labels.setdefault(model, _model_label(model, pretrained))
+    return labels
+
+
+def resolve_baseline(baseline: str, df: pd.DataFrame, ref: PaperReference,
+                     datasets: DatasetLookup | None = None) -> Baseline:
+    """The baseline `--baseline` names: a results folder (its one linear-probed model), a model
+    label of the records in `df` (`torchvision:resnet50 (IMAGENET1K_V1)`, or the bare model name
+    when it is unique), else a row of the paper's Table 10 (`ResNet-50`).
+
+    Raises:
+        ClipbenchError: none of those, or a folder holding several probed models or none.
+    """
+    folder = Path(baseline).expanduser()
+    if folder.is_dir():
+        measured = load_records([folder])
+        probed = measured[(measured["task"] == "linear_probe") & measured["k"].isna()] if not measured.empty else measured
+        labels = sorted(_labels_in(probed).values()) if not probed.empty else []
+        if len(set(labels)) != 1:
+            raise ClipbenchError(
+                f"--baseline {baseline}: the folder holds linear_probe records of "
+                f"{len(set(labels))} models ({', '.join(sorted(set(labels))) or 'none'}); a baseline folder "
+                f"needs exactly one. Pass the results of one model, or name the model with --baseline LABEL "
+                f"and give its folder among the RESULTS_DIRs."
+            )
+        infos = _dataset_infos(measured["dataset"], datasets)
+        return _measured_baseline(measured, labels[0], f"records in {folder}", infos)
+    labels = _labels_in(df) if not df.empty else {}
+    if baseline in labels:
+        return _measured_baseline(df, labels[baseline], "records among the reported results",
+                                  _dataset_infos(df["dataset"], datasets))
+    paper_rows = list(ref.linear_probe["model"])
+    if baseline.lower() not in (r.lower() for r in paper_rows):
+        close = difflib.get_close_matches(baseline, [*labels, *paper_rows], n=3)
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise ClipbenchError(
+            f"Unknown baseline {baseline!r}: not a results folder, not a model of the reported results "
+            f"({', '.join(sorted(set(labels.values()))) or 'none'}) and not a row of the paper's Table 10 "
+            f"(reference/linear_probe.csv: {', '.join(paper_rows)}).{hint} Pass one of those to --baseline."
+        )
+    row_id, values = ref.baseline_row(baseline)
+    return Baseline(row_id, values, "paper", "paper Table 10 (reference/linear_probe.csv)")
+
+
 def _baseline_table(sub: pd.DataFrame, task: str, infos: Mapping[str, DatasetInfo], ref: PaperReference,
-                    baseline: str) -> ReportTable | None:
-    row_id, base = ref.baseline_row(baseline)
-    names = [n for n in _ordered_datasets(sub["dataset"], infos, ref.datasets) if infos[n].paper_name in ref.datasets]
+                    baseline: Baseline) -> ReportTable | None:
+    base = baseline.values
+    names = [n for n in _ordered_datasets(sub["dataset"], infos, ref.datasets)
+             if infos[n].label in base.index and pd.notna(base[infos[n].label])]
     if not names:
         return None
     labels = [infos[n].label for n in names]
-    rows = [{"model": f"{row_id} (paper, Table 10)", "row": "baseline", **base[labels].to_dict()}]
+    rows = [{"model": baseline.row_name, "row": "baseline", **base[labels].to_dict()}]
     for (model, pretrained), group in sub.groupby(["model", "pretrained"], sort=True):
+        if task == "linear_probe" and _model_label(model, pretrained) == baseline.model:
+            continue  # the baseline itself: a row of zeros
         ours = pd.Series({infos[d].label: v for d, v in zip(group["dataset"], group["value"])}, dtype=float)
         diff = baseline_differences(ours.reindex(labels), base)
-        rows.append({"model": _model_label(model, pretrained), "row": f"diff vs {row_id}", **diff.to_dict(),
+        rows.append({"model": _model_label(model, pretrained), "row": f"diff vs {baseline.label}", **diff.to_dict(),
                      "wins": int((diff > 0).sum()), "datasets": int(diff.size)})
     frame = pd.DataFrame(rows, columns=["model", "row", *labels, "wins", "datasets"])
     frame[["wins", "datasets"]] = frame[["wins", "datasets"]].astype("Int64")
+    title = f"{task_title(task)} vs baseline {baseline.label}"
     return ReportTable(
-        title=f"{task_title(task)} vs baseline {row_id}",
+        title=title if baseline.source == "paper" else f"{title} (measured)",
         task=task,
         frame=frame,
         percent_columns=labels,
-        notes=[f"baseline: linear probe {row_id!r}, paper Table 10 (reference/linear_probe.csv); "
+        notes=[f"baseline ({baseline.source}): linear probe {baseline.label!r}, {baseline.origin}; "
                "diff = ours - baseline, as in the paper's Figure 5; wins = datasets with diff > 0."],
     )
 
@@ -308,11 +398,12 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
     """All tables of the report for the records in `df` (the output of `load_records`).
 
     Per classification task: model × dataset scores (with the paper's and the difference for the
-    paper's models) and the difference to `baseline` (a Table 10 row); few-shot mean ± std per k and
+    paper's models) and the difference to `baseline` (see `resolve_baseline`: a results folder, a
+    model label of `df`, or a Table 10 row); few-shot mean ± std per k and
     the crossing with zero-shot; retrieval recall@k against Table 13.
     """
     ref = load_paper_reference()
-    ref.baseline_row(baseline)  # fail early on an unknown baseline
+    resolved = resolve_baseline(baseline, df, ref, datasets)  # fails early on an unknown baseline
     infos = _dataset_infos(df["dataset"], datasets)
     tables: list[ReportTable] = []
     for task in CLASSIFICATION_TASKS:
@@ -320,7 +411,7 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
         if sub.empty:
             continue
         tables.append(_score_table(sub, task, infos, ref))
-        table = _baseline_table(sub, task, infos, ref, baseline)
+        table = _baseline_table(sub, task, infos, ref, resolved)
         if table is not None:
             tables.append(table)
     tables.extend(_few_shot_tables(df, infos, ref))
@@ -390,12 +481,15 @@ def write_plots(df: pd.DataFrame, out_dir: Path, baseline: str = DEFAULT_BASELIN
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ref = load_paper_reference()
-    row_id, base = ref.baseline_row(baseline)
+    resolved = resolve_baseline(baseline, df, ref, datasets)
+    row_id, base = resolved.label, resolved.values
     infos = _dataset_infos(df["dataset"], datasets)
     written = []
     for task in CLASSIFICATION_TASKS:
         sub = df[(df["task"] == task) & df["k"].isna()]
         for (model, pretrained), group in sub.groupby(["model", "pretrained"], sort=True):
+            if task == "linear_probe" and _model_label(model, pretrained) == resolved.model:
+                continue
             ours = pd.Series({infos[d].label: v for d, v in zip(group["dataset"], group["value"])}, dtype=float)
             diff = baseline_differences(ours, base)
             if diff.empty:
@@ -435,8 +529,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     parser.add_argument("--format", choices=FORMATS, default="markdown", dest="fmt")
     parser.add_argument("--out", type=Path, default=None, help="write the report to FILE instead of stdout")
     parser.add_argument("--plot", type=Path, default=None, metavar="DIR", help="also write PNG figures to DIR")
-    parser.add_argument("--baseline", default=DEFAULT_BASELINE,
-                        help="a model of the paper's Table 10 (default: %(default)s, ImageNet-supervised)")
+    parser.add_argument("--baseline", default=DEFAULT_BASELINE, metavar="DIR_OR_LABEL",
+                        help="the linear probe the Figure-5-style tables subtract: a results folder of one "
+                             "measured model (e.g. `clipbench run --model torchvision:resnet50 --tasks "
+                             "linear_probe`), a model label of the reported results, or a model of the "
+                             "paper's Table 10 (default: %(default)s, ImageNet-supervised, quoted from the paper)")
     parser.set_defaults(handler=run_report)
     return parser
 

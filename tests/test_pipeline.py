@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from clipbench import specs
-from clipbench.features import FeatureCache, image_cache_key
+from clipbench.features import EncodedImages, FeatureCache, image_cache_key
 from clipbench.pipeline import Evaluator, RunConfig
 
 
@@ -82,7 +82,7 @@ def test_feature_seconds_count_only_the_splits_a_record_encoded(model, spec_file
             time.sleep(1.0)
         rng = np.random.default_rng(len(samples))
         projected = rng.normal(size=(len(samples), width)).astype(np.float32)
-        return projected / np.linalg.norm(projected, axis=1, keepdims=True), projected[:, :8].copy()
+        return EncodedImages(projected / np.linalg.norm(projected, axis=1, keepdims=True), projected[:, :8].copy())
 
     with torch.inference_mode():
         width = model.encode_texts(["a"]).shape[1]

@@ -1,14 +1,16 @@
 """Loading image-text models: a registry of backends behind one :func:`load_model`.
 
 A backend is chosen by the model name's prefix: ``open_clip:ViT-B-32`` or plain ``ViT-B-32``
-(open_clip, the default), ``hf-hub:org/repo`` (open_clip's own hub ids). A backend is a module
+(open_clip, the default), ``hf-hub:org/repo`` (open_clip's own hub ids), ``timm:resnet50.a1_in1k``
+and ``torchvision:resnet50`` (image-only supervised backbones). A backend is a module
 whose loader returns an :class:`~clipbench.models.base.ImageTextModel`, plus one
 :func:`register_backend` line below; loaders import optional dependencies themselves, so that
 registering costs nothing.
 
 Modules: :mod:`.base` (the contract, precision/device/autocast helpers), :mod:`.openclip_names`
 (aliases, name and tag resolution, QuickGELU policy), :mod:`.weights` (checkpoint files,
-digests, hub cache, offline guard), :mod:`.openclip_backend` (building and encoding).
+digests, hub cache, offline guard), :mod:`.openclip_backend` (building and encoding);
+:mod:`.backbone` (the image-only model both :mod:`.timm_backend` and :mod:`.torchvision_backend` return).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any, Protocol
 from clipbench.errors import ClipbenchError
 from clipbench.models.base import PRECISIONS, ImageTextModel, check_precision, resolve_device
 from clipbench.models.openclip_backend import OpenClipModel, load_openclip
+from clipbench.models.timm_backend import load_timm
+from clipbench.models.torchvision_backend import load_torchvision
 from clipbench.models.openclip_names import (
     LOCAL_PRETRAINED,
     MODEL_CONFIG_DIR,
@@ -142,6 +146,8 @@ def load_model(
 
 register_backend(DEFAULT_BACKEND, load_openclip)
 register_backend("hf-hub", load_openclip, keep_prefix=True)
+register_backend("timm", load_timm)
+register_backend("torchvision", load_torchvision)
 
 __all__ = [
     "DEFAULT_BACKEND", "LOCAL_PRETRAINED", "MODEL_CONFIG_DIR", "OFFLINE_ENV_VARS", "OPENAI_ALIASES",
