@@ -17,7 +17,7 @@ summary metrics are recomputed from them exactly (:func:`recompute_metrics`). Co
 
 Every file also holds ``ids`` (N,) the test split's sample ids (UTF-8) and ``meta``, a JSON
 string: format version, task kind, metric names. ImageNet's 50,000 test images take about
-0.5 MB per zero-shot record (measured on a synthetic 1000-class case; README).
+0.7 MB per zero-shot record (a synthetic 1000-class case with ImageNet-like ids).
 """
 
 from __future__ import annotations
