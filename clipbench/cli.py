@@ -1,4 +1,4 @@
-"""Command line: ``clipbench run | datasets | models | report | train-tiny``."""
+"""Command line: ``clipbench run | datasets | models | report | compare | train-tiny``."""
 
 from __future__ import annotations
 
@@ -105,9 +105,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list model names, aliases and pretrained tags")
 
-    from clipbench import report
+    from clipbench import compare, report
 
     report.register_cli(sub)
+    compare.register_cli(sub)
 
     train = sub.add_parser("train-tiny", help="train the embedded tiny CLIP on the synthetic world",
                            add_help=False)

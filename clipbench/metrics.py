@@ -373,8 +373,9 @@ class Metric:
     description: str = ""
 
 
-def _binary_inputs(name: str, scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) or (N, 2) scores (class 1 is positive) and (N,) 0/1 targets -> (N,) scores, bool targets."""
+def binary_scores(scores: np.ndarray, name: str = "a binary metric") -> np.ndarray:
+    """The positive-class score a binary metric ranks: (N,) as given, or from (N, 2) scores
+    ``scores[:, 1] - scores[:, 0]`` in float64 (class 1 is positive)."""
     scores = np.asarray(scores)
     if scores.ndim == 2:
         if scores.shape[1] != 2:
@@ -382,7 +383,12 @@ def _binary_inputs(name: str, scores: np.ndarray, targets: np.ndarray) -> tuple[
                 f"{name} is a binary metric: scores must be (N,) or (N, 2), got {scores.shape}."
             )
         scores = scores[:, 1].astype(np.float64) - scores[:, 0]
-    return _check_binary(scores, targets, name)
+    return scores
+
+
+def _binary_inputs(name: str, scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) or (N, 2) scores (class 1 is positive) and (N,) 0/1 targets -> (N,) scores, bool targets."""
+    return _check_binary(binary_scores(scores, name), targets, name)
 
 
 # kind -> validation of (metric name, scores, targets), returning the arrays `compute` takes

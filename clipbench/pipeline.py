@@ -183,7 +183,7 @@ class Evaluator:
                      spec.name, task.name)
             return existing
         start = time.perf_counter()
-        record, per_class = self._compute(spec, task, settings)
+        record, output, sample_ids = self._compute(spec, task, settings)
         record.seconds["total"] = round(time.perf_counter() - start, 3)
         if existing is not None and old != settings["settings_digest"]:
             # moved aside only once its replacement exists: a failed task leaves it in place
@@ -191,7 +191,8 @@ class Evaluator:
             log.warning("%s/%s: the stored record was computed under other settings (%s); "
                         "recomputed, the earlier record is kept as %s", spec.name, task.name,
                         results.changed_settings(existing.config, settings), kept.name)
-        written = results.write_record(record, self.config.output, per_class)
+        written = results.write_record(record, self.config.output, output.per_class,
+                                       output.per_sample, sample_ids)
         log.info("wrote %s", written)
         return record
 
@@ -244,7 +245,10 @@ class Evaluator:
             versions=self.versions,
             seconds=seconds,
         )
-        return record, output.per_class
+        ids = test_samples.ids if test_samples is not None and test_samples.ids is not None else None
+        if ids is None and test_samples is not None:
+            ids = [f"#{i}" for i in range(len(test_samples))]  # a format without ids: positions
+        return record, output, ids
 
 
 @dataclass

@@ -123,3 +123,31 @@ def plot_model_comparison(values: pd.DataFrame, path: Path, title: str = "", xla
     ax.legend(fontsize=8, loc="best")
     ax.grid(axis="x", alpha=0.3)
     return Plot(_save(fig, path), pd.DataFrame(widths, index=values.index))
+
+
+def plot_forest(differences: pd.DataFrame, path: Path, title: str = "",
+                xlabel: str = "difference (percentage points)") -> Plot:
+    """A forest plot: one row per label (first on top), a point at the difference and a line over
+    its interval, and a vertical line at 0.
+
+    `differences`: index = row labels, columns `difference`, `low`, `high` (fractions; NaN bounds:
+    a point without interval). `Plot.data` holds the drawn points and bounds in percentage points.
+    """
+    values = 100.0 * differences[["difference", "low", "high"]].astype(float)
+    values = values[values["difference"].notna()]
+    if values.empty:
+        raise ClipbenchError(f"Nothing to plot for {path}: no difference to show.")
+    fig = Figure(figsize=(7.0, 1.0 + 0.35 * len(values)))
+    ax = fig.add_subplot()
+    positions = np.arange(len(values))[::-1].astype(float)
+    errors = np.vstack([values["difference"] - values["low"], values["high"] - values["difference"]])
+    ax.errorbar(values["difference"].to_numpy(), positions, xerr=np.nan_to_num(errors), fmt="o", color="black",
+                ecolor=NEGATIVE_COLOR, capsize=3)
+    ax.axvline(0.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_yticks(positions, labels=[str(label) for label in values.index])
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    (points,) = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    drawn = values.assign(difference=points.get_xdata())
+    return Plot(_save(fig, path), drawn)

@@ -1,8 +1,8 @@
 """Result records: one strict-JSON file per (model, pretrained, dataset, task), written atomically.
 
 Layout: ``<output>/<model>__<pretrained>/<dataset>/<task>.json`` with sidecars beside it
-(``<task>.per_class.json``). A record is never half-written: it is written to a temporary file in
-the same directory and renamed into place, so a crash leaves either the old file or none.
+(``<task>.per_class.json``; ``<task>.samples.npz``, per-sample outputs: :mod:`clipbench.sidecars`).
+A record is never half-written: it is written to a temporary file in the same directory and renamed into place, so a crash leaves either the old file or none.
 `load_records` reads such a tree (and clip_benchmark result files) back into one DataFrame for reports.
 """
 
@@ -24,6 +24,7 @@ from clipbench.atomic import atomic_open
 from clipbench.errors import ClipbenchError
 from clipbench.interop import from_clip_benchmark, is_clip_benchmark_result
 from clipbench.reference import DatasetLookup
+from clipbench.sidecars import PerSample, sidecar_path, write_sample_outputs
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +110,25 @@ def atomic_write_json(path: Path, payload: Any) -> None:
     atomic_write_text(path, json.dumps(_jsonable(payload), indent=2, allow_nan=False, sort_keys=False) + "\n")
 
 
-def write_record(record: Record, output: Path, per_class: Any | None = None) -> Path:
-    """Write the record (and its per-class sidecar) atomically; returns the record's path."""
+def write_record(record: Record, output: Path, per_class: Any | None = None,
+                 per_sample: PerSample | None = None, sample_ids: Sequence[str] | None = None) -> Path:
+    """Write the record and its sidecars atomically, sidecars first; returns the record's path.
+
+    ``per_sample`` (with ``sample_ids``, the test split's ids in the same order) goes to
+    ``<task>.samples.npz`` (:mod:`clipbench.sidecars`); without it, a stale one is removed.
+    """
     if not record.created:
         record.created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
     path = record_path(output, record.model, record.pretrained, record.dataset, record.task)
     if per_class is not None:
         atomic_write_json(path.with_name(f"{path.stem}.per_class.json"), per_class)
+    samples = sidecar_path(path)
+    if per_sample is not None:
+        if sample_ids is None:
+            raise ValueError("per-sample outputs need the sample ids they belong to")
+        write_sample_outputs(samples, per_sample, sample_ids)
+    else:
+        samples.unlink(missing_ok=True)
     atomic_write_json(path, record.to_dict())
     return path
 
@@ -205,14 +218,17 @@ def existing_record(output: Path, model: str, pretrained: str, dataset: str, tas
 
 
 def supersede(path: Path, digest: str) -> Path:
-    """Move the record at ``path`` (and its per-class sidecar) aside before it is replaced by one
+    """Move the record at ``path`` (and its sidecars) aside before it is replaced by one
     computed under other settings: ``<task>.<digest>.superseded.json`` (and
-    ``<task>.<digest>.superseded.per_class.json``). Returns the record's new path."""
+    ``<task>.<digest>.superseded.per_class.json``, ``<task>.<digest>.superseded.samples.npz``).
+    Returns the record's new path."""
     path = Path(path)
     kept = path.with_name(f"{path.stem}.{safe_name(digest)}{SUPERSEDED_SUFFIX}")
     sidecar = path.with_name(f"{path.stem}.per_class.json")
     if sidecar.is_file():
         sidecar.replace(kept.with_name(f"{kept.name.removesuffix('.json')}.per_class.json"))
+    if sidecar_path(path).is_file():
+        sidecar_path(path).replace(sidecar_path(kept))
     path.replace(kept)
     return kept
 

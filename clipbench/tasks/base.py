@@ -89,6 +89,8 @@ class TaskOutput:
     confidence_intervals: metric -> (low, high).
     details: task-specific JSON-ready data (the record's ``details``).
     per_class: JSON-ready per-class sidecar, or None.
+    per_sample: per-test-sample outputs (:class:`clipbench.sidecars.PerSample`) for the record's
+        ``<task>.samples.npz``, in test-split order, or None.
     n_samples: evaluated test samples.
     config: record ``config`` entries that describe the inputs (e.g. where templates came from).
     """
@@ -99,6 +101,7 @@ class TaskOutput:
     confidence_intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     per_class: Any | None = None
+    per_sample: Any | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
 

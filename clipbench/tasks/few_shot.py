@@ -6,6 +6,7 @@ the full linear probe's (:func:`clipbench.tasks.linear_probe.probe_splits`).
 
 from __future__ import annotations
 
+from clipbench import sidecars
 from clipbench.tasks.base import TaskInputs, TaskNeeds, TaskOutput
 from clipbench.tasks.linear_probe import few_shot, probe_splits
 
@@ -38,7 +39,10 @@ class FewShotTask:
         metrics[metric] = result.per_k[max(result.per_k)].mean
         details = {**result.record_details(), "val_source": splits.val_source,
                    "feature_kind": splits.feature_kind, "primary_is_largest_k": int(max(result.per_k))}
-        return TaskOutput(metrics=metrics, n_samples=len(sy), details=details)
+        ks = sorted(result.per_k)
+        per_sample = sidecars.few_shot_outputs(ks, [result.per_k[k].per_sample for k in ks], sy, metric,
+                                               spec.num_classes or int(max(ty.max(), sy.max())) + 1)
+        return TaskOutput(metrics=metrics, n_samples=len(sy), details=details, per_sample=per_sample)
 
 
 TASK = FewShotTask()

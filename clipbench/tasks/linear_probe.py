@@ -52,6 +52,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
+from clipbench import sidecars
 from clipbench.metrics import classification_metrics, compute_metric
 from clipbench.tasks import torch_logreg
 from clipbench.tasks.base import TaskInputs, TaskNeeds, TaskOutput
@@ -524,6 +525,9 @@ class FewShotK:
     C: list[float]
     indices: list[np.ndarray] = field(repr=False)
     convergence: list[dict] = field(default_factory=list)
+    #: per seed, :func:`clipbench.sidecars.compact_outputs` of the test scores (empty for a
+    #: metric they do not cover)
+    per_sample: list[np.ndarray] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -617,7 +621,7 @@ def few_shot(
 
     per_k = {}
     for k in ks:
-        scores, chosen, shot_sets, convergence = [], [], [], []
+        scores, chosen, shot_sets, convergence, per_sample = [], [], [], [], []
         for seed in seeds:
             shots = pool[sample_few_shot(train_y[pool], k, seed)]
             best_k, _, models = _sweep(
@@ -629,8 +633,11 @@ def few_shot(
             chosen.append(_c_value(best_k))
             shot_sets.append(shots)
             convergence.append(_convergence(models, max_iter))
+            if sidecars.few_shot_keeps(primary_metric):
+                per_sample.append(sidecars.compact_outputs(test_scores, test_y, primary_metric))
         std = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
-        per_k[int(k)] = FewShotK(float(np.mean(scores)), std, scores, chosen, shot_sets, convergence)
+        per_k[int(k)] = FewShotK(float(np.mean(scores)), std, scores, chosen, shot_sets, convergence,
+                                 per_sample)
         log.info("few-shot k=%d: %s %.4f +- %.4f", k, primary_metric, per_k[int(k)].mean, std)
     return FewShotResult(primary_metric, [int(s) for s in seeds], per_k, val_source, len(val_y))
 
@@ -692,7 +699,10 @@ class LinearProbeTask:
                               device=inputs.device, num_classes=spec.num_classes, n_jobs=inputs.jobs)
         details = {**result.record_details(), "feature_kind": splits.feature_kind,
                    "validation": splits.val_source}
-        return TaskOutput(metrics=result.metrics, n_samples=result.n_test, details=details)
+        per_sample = sidecars.classification_outputs(result.scores, splits.test[1], spec.primary_metric,
+                                                     spec.multilabel)
+        return TaskOutput(metrics=result.metrics, n_samples=result.n_test, details=details,
+                          per_sample=per_sample)
 
 
 TASK = LinearProbeTask()

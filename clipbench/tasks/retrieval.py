@@ -30,13 +30,11 @@ import numpy as np
 import torch
 
 from clipbench.metrics import (
-    RETRIEVAL_DIRECTIONS,
-    RSUM,
     parse_recall_metric,
     percentile_interval,
-    recall_metric_name,
     resample_indices,
 )
+from clipbench.sidecars import retrieval_metrics_from_ranks, retrieval_outputs
 from clipbench.tasks.base import TaskInputs, TaskNeeds, TaskOutput
 
 log = logging.getLogger(__name__)
@@ -135,17 +133,8 @@ def retrieval_metrics(
     t2i = _text_to_image_ranks(texts, images, targets_dev, int(chunk_size))
     i2t = _image_to_text_ranks(images, texts, targets, int(chunk_size))
     has_caption = i2t != NO_CAPTION_RANK
-    i2t_queries = i2t[has_caption]
 
-    metrics: dict[str, float] = {}
-    for direction, ranks in zip(RETRIEVAL_DIRECTIONS, (t2i, i2t_queries)):
-        for k in ks:
-            metrics[recall_metric_name(direction, k)] = float(np.mean(ranks <= k))
-    metrics["text_to_image_mean_rank"] = float(np.mean(t2i))
-    metrics["text_to_image_median_rank"] = float(np.median(t2i))
-    metrics["image_to_text_mean_rank"] = float(np.mean(i2t_queries))
-    metrics["image_to_text_median_rank"] = float(np.median(i2t_queries))
-    metrics[RSUM] = float(sum(metrics[recall_metric_name(d, k)] for d in RETRIEVAL_DIRECTIONS for k in ks))
+    metrics = retrieval_metrics_from_ranks(t2i, i2t, ks)
     log.debug("retrieval over %d images, %d captions: %s", n_images, n_captions, metrics)
     return RetrievalResult(
         metrics=metrics,
@@ -389,8 +378,10 @@ class RetrievalTask:
                                                            settings["n_bootstrap"], seed=settings["seed"])
         details = {"n_images": result.n_images, "n_captions": result.n_captions,
                    "bootstrap_unit": "image (with all its captions)"}
+        per_sample = retrieval_outputs(result.text_to_image_ranks, result.image_to_text_ranks, captions.owner,
+                                       metric, settings["recall_k"])
         return TaskOutput(metrics=result.metrics, n_samples=result.n_images,
-                          confidence_intervals=intervals, details=details)
+                          confidence_intervals=intervals, details=details, per_sample=per_sample)
 
 
 TASK = RetrievalTask()

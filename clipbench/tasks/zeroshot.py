@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from clipbench import metrics
+from clipbench import metrics, sidecars
 from clipbench.tasks.base import TaskInputs, TaskNeeds, TaskOutput
 
 #: Where a prompt template takes the class name: ``{c}``, or OpenAI-style ``{}``.
@@ -200,7 +200,8 @@ class ZeroShotTask:
         subset = np.asarray(spec.class_subset) if spec.class_subset else None
         result = evaluate(test.projected, weights, test.targets, spec.primary_metric,
                           multilabel=spec.multilabel, class_subset=subset,
-                          n_bootstrap=inputs.settings["n_bootstrap"], seed=inputs.settings["seed"])
+                          n_bootstrap=inputs.settings["n_bootstrap"], seed=inputs.settings["seed"],
+                          keep_logits=True)
         details = {"n_classes": spec.num_classes, "n_templates": len(prompts.templates)}
         classnames = prompts.classnames
         if spec.class_subset:
@@ -210,6 +211,8 @@ class ZeroShotTask:
             metrics=result.metrics, n_samples=result.n_samples,
             confidence_intervals=result.confidence_intervals, details=details,
             per_class={"classnames": classnames, "per_class": result.per_class},
+            per_sample=sidecars.classification_outputs(result.logits, test.targets, spec.primary_metric,
+                                                       spec.multilabel),
             config={"templates_origin": prompts.origin},
         )
 
