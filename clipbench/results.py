@@ -2,7 +2,8 @@
 
 Layout: ``<output>/<model>__<pretrained>/<dataset>/<task>.json`` with sidecars beside it
 (``<task>.per_class.json``; ``<task>.samples.npz``, per-sample outputs: :mod:`clipbench.sidecars`).
-A record is never half-written: it is written to a temporary file in the same directory and renamed into place, so a crash leaves either the old file or none.
+A record is never half-written: it is written to a temporary file in the same directory and
+renamed into place, so a crash leaves either the old file or none.
 `load_records` reads such a tree (and clip_benchmark result files) back into one DataFrame for reports.
 """
 

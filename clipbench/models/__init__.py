@@ -23,8 +23,6 @@ from typing import Any, Protocol
 from clipbench.errors import ClipbenchError
 from clipbench.models.base import PRECISIONS, ImageTextModel, check_precision, resolve_device
 from clipbench.models.openclip_backend import OpenClipModel, load_openclip
-from clipbench.models.timm_backend import load_timm
-from clipbench.models.torchvision_backend import load_torchvision
 from clipbench.models.openclip_names import (
     LOCAL_PRETRAINED,
     MODEL_CONFIG_DIR,
@@ -36,6 +34,8 @@ from clipbench.models.openclip_names import (
     register_model_configs,
     resolve_model,
 )
+from clipbench.models.timm_backend import load_timm
+from clipbench.models.torchvision_backend import load_torchvision
 from clipbench.models.weights import file_sha256
 from clipbench.paths import OFFLINE_ENV_VARS, default_cache_dir
 
