@@ -164,6 +164,22 @@ templates: ["a photo of a {{c}}.", "a {{c}} picture."]
 """
 
 
+def child_pids(parent: int) -> set[int]:
+    """Pids of the live processes whose parent is ``parent`` (Linux: read from /proc)."""
+    children = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    # field 4 is the parent pid; the command name (field 2) may contain spaces
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == parent:
+                children.add(int(entry))
+    return children
+
+
 @pytest.fixture(scope="module")
 def model():
     """ViT-S-32-alt with seeded random weights, fp32 on CPU (small and fast)."""

@@ -10,7 +10,7 @@ from threadpoolctl import threadpool_limits
 
 from clipbench.tasks.linear_probe import linear_probe
 
-from conftest import gaussian_mixture
+from conftest import child_pids, gaussian_mixture
 
 
 def _probe(x, y, n, jobs, threads, **kwargs):
@@ -64,27 +64,12 @@ def test_fits_stopped_by_max_iter_are_listed():
     assert conv["final"] == {"n_iter": 1, "max_iter_reached": True}
 
 
-def _child_pids() -> set[int]:
-    children = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    # field 4 is the parent pid; the command name (field 2) may contain spaces
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == os.getpid():
-                children.add(int(entry))
-    return children
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
 def test_parallel_sweep_leaves_no_worker_process_behind():
     # Worker processes outlived the probe (and, killed parents, stayed blocked for an hour);
     # the sweep's workers are threads of this process, so nothing can be left behind.
-    before = _child_pids()
+    before = child_pids(os.getpid())
     x, y = gaussian_mixture(300, 16, 3, 0.5, seed=1)
     result = _probe(x, y, 100, 4, 1)
     assert 0 < result.metrics["accuracy"] <= 1
-    assert _child_pids() - before == set()
+    assert child_pids(os.getpid()) - before == set()
