@@ -17,33 +17,45 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from conftest import COLOURS_SPEC, make_image, write_imagefolder  # noqa: E402
-
 from clipbench import specs  # noqa: E402
 from clipbench.errors import ClipbenchError  # noqa: E402
 from clipbench.models import load_model  # noqa: E402
 from clipbench.paths import OFFLINE_ENV_VARS  # noqa: E402
 from clipbench.pipeline import Evaluator, RunConfig  # noqa: E402
+from conftest import COLOURS_SPEC, make_image, write_imagefolder  # noqa: E402
 
-PROMPTS = ["a photo of a red.", "a green picture.", "A  BLUE circle, isn't it?"]
-EOT = 49407
+KINDS = ("clip", "siglip", "siglip2")
+PROMPTS = ["a photo of a red.", "a big green picture.", "A  BLUE circle, isn't it?"]
+#: The full OpenAI BPE: 256 bytes, 256 bytes + </w>, 48894 merges, then start and end of text.
+FULL_MERGES = 49152 - 256 - 2
+#: Merges of the tiny models' tokenizer (a prefix of the BPE's: a small vocabulary that loads fast).
+TINY_MERGES = 1000
 
 
-def openai_bpe_tokenizer() -> transformers.CLIPTokenizer:
-    """The OpenAI CLIP BPE (open_clip's packaged vocabulary) as a transformers CLIPTokenizer, built
-    offline: the same vocab.json/merges.txt content as openai/clip-vit-base-patch32's."""
+def openai_bpe_tokenizer(n_merges: int = FULL_MERGES) -> transformers.CLIPTokenizer:
+    """The OpenAI CLIP BPE (open_clip's packaged vocabulary), or its first ``n_merges`` merges, as
+    a transformers CLIPTokenizer built offline; in full it is openai/clip-vit-base-patch32's. The
+    vocabulary is ordered as open_clip orders it (bytes, bytes</w>, one token per merge), so a
+    prefix of the merges keeps the ids of every token it can produce."""
     from open_clip.tokenizer import SimpleTokenizer, default_bpe
 
-    encoder = SimpleTokenizer().encoder
-    vocab = {token: i for token, i in encoder.items() if i < 49406}
-    vocab.update({"<|startoftext|>": 49406, "<|endoftext|>": EOT})
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:n_merges + 1]
+    vocab = {token: i for token, i in SimpleTokenizer().encoder.items() if i < 512 + n_merges}
+    vocab.update({"<|startoftext|>": 512 + n_merges, "<|endoftext|>": 513 + n_merges})
     return transformers.CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges])
 
 
+def vocab_size(n_merges: int) -> int:
+    return 514 + n_merges
+
+
+EOT = vocab_size(FULL_MERGES) - 1
+
+
 def text_config(**kw) -> dict:
-    return dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, bos_token_id=49406, eos_token_id=EOT, pad_token_id=EOT, **kw)
+    size = vocab_size(TINY_MERGES)
+    return dict(vocab_size=size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, bos_token_id=size - 2, eos_token_id=size - 1, pad_token_id=size - 1, **kw)
 
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -58,6 +70,12 @@ def save_tiny(folder: Path, kind: str) -> Path:
         model = transformers.CLIPModel(config)
         processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32},
                                                     crop_size={"height": 32, "width": 32})
+    elif kind == "siglip2":  # native aspect ratio: patches, patch mask and spatial shape per image
+        vision = {k: v for k, v in VISION.items() if k != "image_size"}
+        config = transformers.Siglip2Config(text_config=text_config(max_position_embeddings=16),
+                                            vision_config=dict(vision, num_patches=16))
+        model = transformers.Siglip2Model(config)
+        processor = transformers.Siglip2ImageProcessor(patch_size=8, max_num_patches=16)
     else:
         config = transformers.SiglipConfig(text_config=text_config(max_position_embeddings=16),
                                            vision_config=VISION)
@@ -65,14 +83,14 @@ def save_tiny(folder: Path, kind: str) -> Path:
         processor = transformers.SiglipImageProcessor(size={"height": 32, "width": 32})
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    openai_bpe_tokenizer().save_pretrained(folder)
+    openai_bpe_tokenizer(TINY_MERGES).save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
-    return {kind: save_tiny(root / kind, kind) for kind in ("clip", "siglip")}
+    return {kind: save_tiny(root / kind, kind) for kind in KINDS}
 
 
 def sample_images():
@@ -80,7 +98,7 @@ def sample_images():
     return [make_image(label, i, size=32).resize((32 + 9 * i, 32 + 5 * label)) for label in range(3) for i in range(2)]
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_features_equal_direct_transformers_calls(tiny_folders, kind):
     folder = tiny_folders[kind]
     model = load_model(f"hf:{folder}", device="cpu", precision="fp32")
@@ -92,16 +110,20 @@ def test_features_equal_direct_transformers_calls(tiny_folders, kind):
     net = transformers.AutoModel.from_pretrained(folder).eval()
     processor = transformers.AutoImageProcessor.from_pretrained(folder)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    direct_pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-    padding = "max_length" if kind == "siglip" else "longest"
+    direct_inputs = dict(processor(images=images, return_tensors="pt"))
+    padding = "longest" if kind == "clip" else "max_length"
     tokens = tokenizer(PROMPTS, padding=padding, truncation=True, max_length=net.config.text_config.max_position_embeddings,
                        return_tensors="pt")
     with torch.no_grad():
-        direct_image = net.get_image_features(pixel_values=direct_pixels).pooler_output
+        direct_image = net.get_image_features(**direct_inputs).pooler_output
         direct_text = net.get_text_features(**tokens).pooler_output
-        direct_pre = net.vision_model(pixel_values=direct_pixels).pooler_output
+        # CLIP: the vision tower's pooled output; SigLIP: no projection, the embedding itself
+        direct_pre = (net.vision_model(pixel_values=direct_inputs["pixel_values"]).pooler_output
+                      if kind == "clip" else direct_image)
+    unpacked = model.preprocess.unpack(pixels)
+    assert set(unpacked) == set(direct_inputs)
     differences = {
-        "pixels": (pixels - direct_pixels).abs().max().item(),
+        "pixels": max((unpacked[k].float() - direct_inputs[k].float()).abs().max().item() for k in unpacked),
         "image": (projected - F.normalize(direct_image, dim=-1)).abs().max().item(),
         "pre_projection": (pre - direct_pre).abs().max().item(),
         "text": (texts - F.normalize(direct_text, dim=-1)).abs().max().item(),
@@ -116,13 +138,15 @@ def test_features_equal_direct_transformers_calls(tiny_folders, kind):
                                        atol=1e-5, rtol=0)
     else:
         torch.testing.assert_close(F.normalize(pre, dim=-1), projected, atol=1e-6, rtol=0)
-    # SigLIP pads every text to the maximum length, CLIP to the batch's longest (open_clip's
-    # tokenizer of the same BPE counts the tokens, start and end included)
-    import open_clip
-
-    lengths = (open_clip.tokenize(PROMPTS) != 0).sum(1).tolist()
-    widths = [model.tokenize([t])["input_ids"].shape[1] for t in PROMPTS]
-    assert widths == ([16] * 3 if kind == "siglip" else lengths)
+    # SigLIP (1 and 2) pads every text to the maximum length, CLIP to the batch's longest. (For
+    # siglip2 transformers 5 overrides the saved tokenizer_class with its Gemma-style
+    # Siglip2Tokenizer, MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS: other ids, the same comparison.)
+    lengths = [len(tokenizer(t)["input_ids"]) for t in PROMPTS]
+    widths = [model.tokenize([t])["input_ids"].shape[1] for t in PROMPTS] + [model.tokenize(PROMPTS)["input_ids"].shape[1]]
+    if kind == "clip":
+        assert len(set(lengths)) == 3 and widths == [*lengths, max(lengths)]
+    else:
+        assert widths == [16] * 4
     # DataLoader workers get a pickled copy of the preprocessing
     copy = pickle.loads(pickle.dumps(model.preprocess))
     assert torch.equal(copy(images[0]), pixels[0]) and repr(copy) == repr(model.preprocess)
@@ -192,7 +216,7 @@ def test_pipeline_end_to_end_zeroshot_and_linear_probe(tiny_folders, tmp_path):
     assert zeroshot.n_samples == len(labels) == 9
     assert zeroshot.metrics["accuracy"] == pytest.approx(float((predictions == labels).mean()), abs=1e-12)
     assert zeroshot.config["model"]["backend"] == "transformers"
-    assert probe.task == "linear_probe" and probe.details["feature_kind"] == "pre_projection"
+    assert probe.task == "linear_probe" and probe.details["feature_kind"] == "before_projection"
     assert 0.0 <= probe.metrics["accuracy"] <= 1.0 and probe.n_samples == 9
     record_dir = tmp_path / "out" / next(p.name for p in (tmp_path / "out").iterdir())
     assert json.loads((record_dir / "colours" / "zeroshot.json").read_text())["pretrained"] == "local"
@@ -241,6 +265,39 @@ def test_cached_hub_snapshot_loads_offline(tiny_folders, tmp_path, monkeypatch):
     assert model.weights_digest == local.weights_digest
     pixels = torch.stack([model.preprocess(image) for image in sample_images()])
     torch.testing.assert_close(model.encode_images(pixels)[0], local.encode_images(pixels)[0], atol=0, rtol=0)
+
+
+def test_cli_run_with_a_missing_hub_model_stops_with_the_message(tmp_path, monkeypatch, capsys):
+    from clipbench.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec_path = tmp_path / "colours.yaml"
+    spec_path.write_text(COLOURS_SPEC.format(root=write_imagefolder(tmp_path / "folder")))
+    start = time.perf_counter()
+    code = main(["run", "--model", "hf:nobody/no-such-clip", "--datasets", str(spec_path), "--device", "cpu",
+                 "--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and time.perf_counter() - start < 10
+    assert err.startswith("error: The Hugging Face model nobody/no-such-clip is not on this machine")
+    assert "huggingface-cli download nobody/no-such-clip" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("precision", ["bf16", "amp"])
+def test_reduced_precision_runs_and_says_what_ran(tiny_folders, precision):
+    fp32 = load_model(f"hf:{tiny_folders['clip']}", device="cpu", precision="fp32")
+    low = load_model(f"hf:{tiny_folders['clip']}", device="cpu", precision=precision)
+    pixels = torch.stack([fp32.preprocess(image) for image in sample_images()])
+    (ref, _), (got, pre) = fp32.encode_images(pixels), low.encode_images(pixels)
+    text = low.encode_texts(PROMPTS)
+    assert got.dtype == pre.dtype == text.dtype == torch.float32
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(len(got)), atol=1e-5, rtol=0)
+    assert (got - ref).abs().max() < 0.05  # bf16 keeps ~3 significant digits
+    described = low.describe()
+    assert described["precision"] == precision
+    assert (described["weights_dtype"], described["autocast_dtype"]) == (
+        ("bfloat16", None) if precision == "bf16" else ("float32", "bfloat16"))
+    assert next(low.model.parameters()).dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert low.identity() != fp32.identity()
 
 
 def test_bad_names_get_one_paragraph(tiny_folders, tmp_path):
@@ -312,7 +369,8 @@ def convert_to_hf(open_clip_model, folder: Path) -> Path:
     hf.load_state_dict(openclip_to_hf_state_dict(net.state_dict(), vision_layers, text_layers), strict=True)
     hf.save_pretrained(folder)
     size = visual.image_size[0]
-    transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
+    processor = transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor.save_pretrained(folder)
     openai_bpe_tokenizer().save_pretrained(folder)
     return folder
 
@@ -353,14 +411,14 @@ def test_converted_open_clip_weights_give_the_same_zeroshot_predictions(tmp_path
     spec = specs.load_spec(str(spec_path))
     samples = load_split(spec, "test", tmp_path / "data", tmp_path / "cache", allow_download=False)
 
-    image = samples.load_image(0)
-    pixel_gap = (oc.preprocess(image) - hf.preprocess(image)).abs().max().item()
     # the same tokens up to the end of text (open_clip pads with 0, transformers with <|endoftext|>)
     oc_tokens = oc.tokenizer(PROMPTS)
     hf_tokens = hf.tokenize(PROMPTS)["input_ids"]
     assert torch.equal(hf_tokens, oc_tokens[:, :hf_tokens.shape[1]].where(hf_tokens != EOT, EOT))
 
-    pixels = torch.stack([oc.preprocess(samples.load_image(i)) for i in range(len(samples))])
+    images = [samples.load_image(i) for i in range(len(samples))]
+    pixels = torch.stack([oc.preprocess(image) for image in images])
+    pixel_gap = (pixels - torch.stack([hf.preprocess(image) for image in images])).abs().max().item()
     (oc_proj, oc_pre), (hf_proj, hf_pre) = oc.encode_images(pixels), hf.encode_images(pixels)
     gaps = {"pixels": pixel_gap, "image": (oc_proj - hf_proj).abs().max().item(),
             "pre_projection": (oc_pre - hf_pre).abs().max().item(),
@@ -378,3 +436,16 @@ def test_converted_open_clip_weights_give_the_same_zeroshot_predictions(tmp_path
     (hf_record,) = Evaluator(hf, config).run([spec])
     assert oc_record.metrics == hf_record.metrics
     assert oc_record.metrics["accuracy"] == pytest.approx(float((oc_pred == samples.targets).mean()), abs=1e-12)
+
+
+def test_models_command_lists_every_backend_and_its_naming(capsys):
+    from clipbench.cli import main
+    from clipbench.models import backends
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    registered = backends()
+    assert {b.prefix for b in registered} >= {"open_clip", "hf-hub", "hf"}
+    for backend in registered:
+        assert backend.naming and f"- {backend.prefix}: {backend.naming}" in out
+    assert "hf:/path/to/folder" in out and "ViT-B-32" in out

@@ -217,7 +217,9 @@ class HFModel:
                 if self.pre_projection_kind == "before_projection" else
                 "no separate projection: the pooled output is the embedding (unnormalised)"),
             "image_processor": type(self.preprocess.processor).__name__,
-            "image_size": list(self.image_size),
+            # a packed processor (SigLIP 2) keeps each image's aspect ratio: no single size
+            "image_size": None if self.preprocess.packed else list(self.image_size),
+            "max_num_patches": getattr(self.preprocess.processor, "max_num_patches", None),
             "text_padding": self.padding,
             "text_max_length": self.max_length,
         }
