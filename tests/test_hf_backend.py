@@ -300,6 +300,16 @@ def test_reduced_precision_runs_and_says_what_ran(tiny_folders, precision):
     assert low.identity() != fp32.identity()
 
 
+def test_processor_whose_output_size_follows_the_image_is_refused(tiny_folders, tmp_path):
+    folder = tmp_path / "uncropped"
+    folder.mkdir()
+    for path in tiny_folders["clip"].iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, do_center_crop=False).save_pretrained(folder)
+    with pytest.raises(ClipbenchError, match="cannot be batched"):
+        load_model(f"hf:{folder}", device="cpu", precision="fp32")
+
+
 def test_bad_names_get_one_paragraph(tiny_folders, tmp_path):
     with pytest.raises(ClipbenchError, match="not a transformers save_pretrained folder"):
         load_model(f"hf:{tmp_path}", device="cpu", precision="fp32")

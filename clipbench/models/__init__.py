@@ -134,10 +134,13 @@ def load_model(
         options: backend options. open_clip: ``quick_gelu`` (force the activation; a value that
             contradicts the weights raises), ``seed`` (random initialisation, default 0),
             ``hub_cache_dir`` (where tags are looked up and downloaded; default ``HF_HUB_CACHE``).
+            hf (transformers): ``hub_cache_dir`` (where hub ids are looked up and downloaded).
 
     open_clip's ``weights_digest``: ``<name>:<tag>:sha256=<hex>`` for a tag (the hub cache names
     LFS blobs by sha256; otherwise ``size=...,mtime=...``), ``sha256:<hex>`` for a local file
     (hashed once, remembered in ``cache_dir``), ``hf-hub:org/repo:sha256=<hex>``, ``random:<seed>``.
+    The hf backend's: ``sha256:<hex>`` over the folder's weight, config, tokenizer and processor
+    files (:func:`clipbench.models.hf_backend.folder_digest`).
 
     Raises:
         ClipbenchError: bad backend prefix, name, tag, device, precision, missing weights while
