@@ -195,8 +195,12 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from clipbench.models import model_table
+    from clipbench.models import backends, model_table
 
+    print("Model backends (--model PREFIX:NAME; no prefix: open_clip):")
+    for backend in backends():
+        print(f"- {backend.prefix}: {backend.naming or '(no naming help registered)'}")
+    print("\nopen_clip models:")
     rows = [(r.name, ", ".join(r.aliases), ", ".join(r.tags) or "(random init or --pretrained PATH)")
             for r in model_table()]
     print(tabulate(rows, headers=["model", "OpenAI alias", "pretrained tags"]))
