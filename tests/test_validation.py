@@ -456,4 +456,4 @@ def test_a_run_recomputes_an_invalid_stored_record_and_replaces_it(capsys, caplo
     again = json.loads(path.read_text())
     assert again["metrics"] == first["metrics"] and again["schema_version"] == results.SCHEMA_VERSION
     # replaced in place: nothing superseded, no temp file left
-    assert sorted(p.name for p in path.parent.iterdir()) == ["zeroshot.json", "zeroshot.per_class.json"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["zeroshot.json", "zeroshot.per_class.json", "zeroshot.samples.npz"]
