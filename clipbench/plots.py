@@ -1,4 +1,4 @@
-"""Figures of the report (PNG): differences to a baseline, few-shot curves, model comparisons.
+"""Figures of the report (PNG): differences to a baseline, few-shot curves, model comparisons, prompt spread.
 
 Functions take plain pandas data (fractions, as in records) and return a `Plot` with the written
 path and the data as drawn (percent, in drawing order), read back from the figure's artists.
