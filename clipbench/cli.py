@@ -63,7 +63,7 @@ def _build_parser() -> argparse.ArgumentParser:
                           "default: the synthetic datasets for the embedded model, else 'paper retrieval'")
     run.add_argument("--tasks", type=_csv_list, default=None,
                      help=f"comma-separated subset of {','.join(task_names())} (default: zeroshot,"
-                          "linear_probe,retrieval; the embedded default runs them all)")
+                          "linear_probe,retrieval; the embedded default runs all but the opt-in prompt_study)")
     _add_common_data_args(run)
     run.add_argument("--output", type=Path, default=default("output"),
                      help="records go here (default: %(default)s/)")

@@ -1,4 +1,4 @@
-"""Figures of the report (PNG): differences to a baseline, few-shot curves, model comparisons.
+"""Figures of the report (PNG): differences to a baseline, few-shot curves, model comparisons, prompt spread.
 
 Functions take plain pandas data (fractions, as in records) and return a `Plot` with the written
 path and the data as drawn (percent, in drawing order), read back from the figure's artists.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -151,3 +152,40 @@ def plot_forest(differences: pd.DataFrame, path: Path, title: str = "",
     (points,) = [line for line in ax.get_lines() if line.get_marker() == "o"]
     drawn = values.assign(difference=points.get_xdata())
     return Plot(_save(fig, path), drawn)
+
+
+ENSEMBLE_COLOR = "#d62728"  # red: the prompt ensemble among its single templates
+
+
+def plot_prompt_spread(per_template: Mapping[str, Sequence[float]], ensemble: pd.Series, path: Path,
+                       title: str = "", xlabel: str = "score (%)") -> Plot:
+    """A strip plot of prompt sensitivity: one row per dataset (first on top), a dot per template
+    used alone, and the ensemble marked with a red diamond.
+
+    `per_template`: dataset -> the per-template values (fractions); `ensemble`: per dataset, the
+    ensemble's value (fraction). `Plot.data` holds the drawn points in percent, one row each:
+    columns `dataset`, `kind` (`template` or `ensemble`), `value`.
+    """
+    datasets = [d for d, values in per_template.items() if len(values)]
+    if not datasets:
+        raise ClipbenchError(f"Nothing to plot for {path}: no per-template values.")
+    fig = Figure(figsize=(7.0, 1.2 + 0.45 * len(datasets)))
+    ax = fig.add_subplot()
+    positions = dict(zip(datasets, np.arange(len(datasets))[::-1].astype(float)))
+    xs = np.concatenate([100.0 * np.asarray(per_template[d], dtype=float) for d in datasets])
+    ys = np.concatenate([np.full(len(per_template[d]), positions[d]) for d in datasets])
+    templates = ax.scatter(xs, ys, s=18, color="grey", alpha=0.7, label="single template")
+    marked = [d for d in datasets if pd.notna(ensemble.get(d))]
+    ensembles = ax.scatter([100.0 * float(ensemble[d]) for d in marked], [positions[d] for d in marked],
+                           s=60, marker="D", color=ENSEMBLE_COLOR, label="ensemble", zorder=3)
+    ax.set_yticks(list(positions.values()), labels=[str(d) for d in datasets])
+    ax.set_ylim(-0.7, len(datasets) - 0.3)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(axis="x", alpha=0.3)
+    by_position = {p: d for d, p in positions.items()}
+    drawn = [{"dataset": by_position[float(y)], "kind": kind, "value": float(x)}
+             for kind, points in (("template", templates), ("ensemble", ensembles))
+             for x, y in points.get_offsets()]
+    return Plot(_save(fig, path), pd.DataFrame(drawn, columns=["dataset", "kind", "value"]))

@@ -330,6 +330,38 @@ def _few_shot_tables(df: pd.DataFrame, infos: Mapping[str, DatasetInfo], ref: Pa
     return tables
 
 
+PROMPT_STUDY_COLUMNS = ("templates", "min", "median", "max", "ensemble")
+
+
+def _prompt_study_rows(group: pd.DataFrame, infos: Mapping[str, DatasetInfo],
+                       ref: PaperReference) -> list[tuple[str, dict]]:
+    """(dataset label, prompt_study record row) of one model's records, in the paper's column order."""
+    by_name = {name: row for name, row in zip(group["dataset"], group.to_dict("records"))}
+    return [(infos[name].label, by_name[name]) for name in _ordered_datasets(by_name, infos, ref.datasets)]
+
+
+def _prompt_study_tables(df: pd.DataFrame, infos: Mapping[str, DatasetInfo], ref: PaperReference) -> list[ReportTable]:
+    """Per model: per dataset, the spread of the primary metric over single templates and the ensemble."""
+    sub = df[df["task"] == "prompt_study"]
+    tables = []
+    for (model, pretrained), group in sub.groupby(["model", "pretrained"], sort=True):
+        label = _model_label(model, pretrained)
+        rows = [{"model": label, "row": dataset, "templates": len(row["details"].get("per_template", ())),
+                 **{c: row["metrics"].get(f"template_{c}", math.nan) for c in ("min", "median", "max")},
+                 "ensemble": row["value"]}
+                for dataset, row in _prompt_study_rows(group, infos, ref)]
+        frame = pd.DataFrame(rows, columns=["model", "row", *PROMPT_STUDY_COLUMNS])
+        frame["templates"] = frame["templates"].astype("Int64")
+        tables.append(ReportTable(
+            title=f"{task_title('prompt_study')}: {label}", task="prompt_study", frame=frame,
+            percent_columns=list(PROMPT_STUDY_COLUMNS[1:]),
+            notes=["Primary metric per dataset, percent: min / median / max over each prompt template used "
+                   "alone (class weight = that template's embedding), and the ensemble of all of them (the "
+                   "zero-shot number); templates = how many."],
+        ))
+    return tables
+
+
 def _retrieval_key(info: DatasetInfo) -> str | None:
     name = normalized_name(info.paper_name or info.name)
     if "flickr30k" in name:
@@ -400,7 +432,8 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
     Per classification task: model × dataset scores (with the paper's and the difference for the
     paper's models) and the difference to `baseline` (see `resolve_baseline`: a results folder, a
     model label of `df`, or a Table 10 row); few-shot mean ± std per k and
-    the crossing with zero-shot; retrieval recall@k against Table 13.
+    the crossing with zero-shot; per model with prompt_study records, the spread over templates;
+    retrieval recall@k against Table 13.
     """
     ref = load_paper_reference()
     resolved = resolve_baseline(baseline, df, ref, datasets)  # fails early on an unknown baseline
@@ -415,6 +448,7 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
         if table is not None:
             tables.append(table)
     tables.extend(_few_shot_tables(df, infos, ref))
+    tables.extend(_prompt_study_tables(df, infos, ref))
     retrieval = _retrieval_table(df, infos, ref)
     if retrieval is not None:
         tables.append(retrieval)
@@ -475,7 +509,8 @@ def write_plots(df: pd.DataFrame, out_dir: Path, baseline: str = DEFAULT_BASELIN
 
     Per classification task and model: the Figure-5-style difference to `baseline`; per model with
     few-shot records: the few-shot curves with zero-shot lines; per task with several models: a
-    per-dataset comparison.
+    per-dataset comparison; per model with prompt_study records: each template's score per dataset,
+    the ensemble marked.
     """
     from clipbench import plots
 
@@ -516,6 +551,14 @@ def write_plots(df: pd.DataFrame, out_dir: Path, baseline: str = DEFAULT_BASELIN
         path = out_dir / safe_name(f"few_shot__{model}__{pretrained}.png")
         written.append(plots.plot_few_shot(curves, path, zero_shot=zero_shot, std=stds,
                                            title=f"Few-shot linear probe, {_model_label(model, pretrained)}"))
+    for (model, pretrained), group in df[df["task"] == "prompt_study"].groupby(["model", "pretrained"], sort=True):
+        rows = _prompt_study_rows(group, infos, ref)
+        per_template = {dataset: [entry["value"] for entry in row["details"].get("per_template", ())]
+                        for dataset, row in rows}
+        ensemble = pd.Series({dataset: row["value"] for dataset, row in rows}, dtype=float)
+        path = out_dir / safe_name(f"prompt_study__{model}__{pretrained}.png")
+        written.append(plots.plot_prompt_spread(per_template, ensemble, path,
+                                                title=f"Prompt sensitivity, {_model_label(model, pretrained)}"))
     return written
 
 

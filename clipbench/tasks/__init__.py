@@ -23,7 +23,10 @@ _BUILTIN = {
     "linear_probe": ("clipbench.tasks.linear_probe", "linear_probe"),
     "few_shot": ("clipbench.tasks.few_shot", "linear_probe"),
     "retrieval": ("clipbench.tasks.retrieval", "retrieval"),
+    "prompt_study": ("clipbench.tasks.prompt_study", "zeroshot"),
 }
+#: built-in tasks a run computes only when `--tasks` names them (the embedded default skips them)
+OPT_IN = ("prompt_study",)
 _REGISTRY: dict[str, Task] = {}
 
 
@@ -43,8 +46,8 @@ def _load_builtins() -> None:
 
 
 def builtin_task_names() -> list[str]:
-    """The tasks that ship with clipbench (the embedded default runs them all)."""
-    return list(_BUILTIN)
+    """The tasks that ship with clipbench and that the embedded default runs: all but :data:`OPT_IN`."""
+    return [name for name in _BUILTIN if name not in OPT_IN]
 
 
 def task_names() -> list[str]:

@@ -107,6 +107,51 @@ def class_weights(prompt_features: np.ndarray, num_classes: int) -> np.ndarray:
     return np.ascontiguousarray(per_class.T, dtype=np.float32)
 
 
+def zero_shot_logits(image_features: np.ndarray, weights: np.ndarray,
+                     class_subset: np.ndarray | None = None) -> np.ndarray:
+    """Cosine logits of images against zero-shot class weights (checked to fit).
+
+    Args:
+        image_features: (N, D) float32, L2-normalized.
+        weights: (D, C) float32 from :func:`class_weights`.
+        class_subset: optional (C',) int indices of the columns of ``weights`` to keep, in subset
+            order (see :func:`evaluate`).
+
+    Returns:
+        (N, C') float32 ``image_features @ weights`` (C' = C without a subset).
+    """
+    image_features = np.asarray(image_features, dtype=np.float32)
+    weights = np.asarray(weights, dtype=np.float32)
+    if image_features.ndim != 2 or weights.ndim != 2 or image_features.shape[1] != weights.shape[0]:
+        raise ValueError(
+            f"image features {image_features.shape} and class weights {weights.shape} do not fit: "
+            "expected (N, D) and (D, C) with the same embedding size D, from the same model."
+        )
+    norms = np.linalg.norm(image_features, axis=1)
+    if image_features.shape[0] and np.max(np.abs(norms - 1.0)) > _NORM_TOLERANCE:
+        raise ValueError(
+            "image features must be L2-normalized (unit rows): ranking metrics (roc_auc, map_11point) "
+            "compare scores across images. Pass the projected, normalized features."
+        )
+    if class_subset is not None:
+        class_subset = np.asarray(class_subset)
+        if (class_subset.ndim != 1 or not np.issubdtype(class_subset.dtype, np.integer)
+                or class_subset.size == 0 or class_subset.min() < 0
+                or class_subset.max() >= weights.shape[1]):
+            raise ValueError(
+                f"class_subset must be a non-empty 1-D array of class indices in [0, {weights.shape[1]}) "
+                "(columns of the classifier); check the dataset spec's class_subset file."
+            )
+        weights = weights[:, class_subset]
+
+    return image_features @ weights
+
+
+def class_subset_of(spec) -> np.ndarray | None:
+    """The spec's ``class_subset`` as the indices :func:`evaluate` takes, or None."""
+    return np.asarray(spec.class_subset) if spec.class_subset else None
+
+
 def evaluate(
     image_features: np.ndarray,
     weights: np.ndarray,
@@ -137,31 +182,7 @@ def evaluate(
     Returns:
         A :class:`ZeroShotResult`.
     """
-    image_features = np.asarray(image_features, dtype=np.float32)
-    weights = np.asarray(weights, dtype=np.float32)
-    if image_features.ndim != 2 or weights.ndim != 2 or image_features.shape[1] != weights.shape[0]:
-        raise ValueError(
-            f"image features {image_features.shape} and class weights {weights.shape} do not fit: "
-            "expected (N, D) and (D, C) with the same embedding size D, from the same model."
-        )
-    norms = np.linalg.norm(image_features, axis=1)
-    if image_features.shape[0] and np.max(np.abs(norms - 1.0)) > _NORM_TOLERANCE:
-        raise ValueError(
-            "image features must be L2-normalized (unit rows): ranking metrics (roc_auc, map_11point) "
-            "compare scores across images. Pass the projected, normalized features."
-        )
-    if class_subset is not None:
-        class_subset = np.asarray(class_subset)
-        if (class_subset.ndim != 1 or not np.issubdtype(class_subset.dtype, np.integer)
-                or class_subset.size == 0 or class_subset.min() < 0
-                or class_subset.max() >= weights.shape[1]):
-            raise ValueError(
-                f"class_subset must be a non-empty 1-D array of class indices in [0, {weights.shape[1]}) "
-                "(columns of the classifier); check the dataset spec's class_subset file."
-            )
-        weights = weights[:, class_subset]
-
-    logits = image_features @ weights
+    logits = zero_shot_logits(image_features, weights, class_subset)
     values = metrics.classification_metrics(logits, targets, primary_metric, multilabel)
     intervals = {}
     if n_bootstrap > 0:
@@ -197,9 +218,8 @@ class ZeroShotTask:
     def run(self, inputs: TaskInputs) -> TaskOutput:
         spec, prompts, test = inputs.spec, inputs.class_prompts, inputs.images["test"]
         weights = class_weights(prompts.features, len(prompts.classnames))
-        subset = np.asarray(spec.class_subset) if spec.class_subset else None
         result = evaluate(test.projected, weights, test.targets, spec.primary_metric,
-                          multilabel=spec.multilabel, class_subset=subset,
+                          multilabel=spec.multilabel, class_subset=class_subset_of(spec),
                           n_bootstrap=inputs.settings["n_bootstrap"], seed=inputs.settings["seed"],
                           keep_logits=True)
         details = {"n_classes": spec.num_classes, "n_templates": len(prompts.templates)}
