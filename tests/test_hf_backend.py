@@ -390,7 +390,7 @@ def zeroshot_predictions(model, samples, classnames, templates) -> np.ndarray:
     from clipbench.features import encode_image_batches
     from clipbench.tasks.zeroshot import build_prompts, class_weights
 
-    projected, _ = encode_image_batches(model, samples, batch_size=8, workers=0)
+    projected = encode_image_batches(model, samples, batch_size=8, workers=0).projected
     prompts = model.encode_texts(build_prompts(classnames, templates)).numpy()
     return (projected @ class_weights(prompts, len(classnames))).argmax(1)
 
