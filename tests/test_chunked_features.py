@@ -241,3 +241,65 @@ def test_an_extraction_killed_with_sigkill_resumes(tiny, split, spec_file, tmp_p
     whole = encode_image_batches(tiny, split[1], batch_size=BATCH, workers=0)
     assert np.array_equal(result.projected, whole.projected)
     assert np.array_equal(result.pre_projection, whole.pre_projection)
+
+
+def _pixels(image):
+    import torch
+
+    return torch.from_numpy(np.asarray(image.resize((8, 8)), dtype=np.float32)).permute(2, 0, 1)
+
+
+class _PixelStats:
+    """A cheap image "model" (per-channel means and maxima) for two spawned ranks."""
+
+    device = "cpu"
+    preprocess = staticmethod(_pixels)
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def identity(self):
+        return {"model": "pixel-stats"}
+
+    def encode_images(self, pixels):
+        return pixels.mean((2, 3)), pixels.amax((2, 3))
+
+
+def _chunked_rank(rank: int, init_file: str, spec_file: str, data: str, cache: str, out: str) -> None:
+    import functools
+
+    import torch.distributed as dist
+
+    from clipbench.distributed import DistContext
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    ctx = DistContext(rank=rank, world_size=2, _control=dist.new_group(backend="gloo"))
+    spec = specs.load_spec(spec_file)
+
+    def load(spec, role):
+        return load_split(spec, role, Path(data), Path(data))
+
+    if rank == 0:
+        feats = image_features(_PixelStats(), spec, "train", load(spec, "train"), FeatureCache(Path(cache)),
+                               batch_size=BATCH, workers=0, chunk_images=CHUNK,
+                               encoder=functools.partial(ctx.encode, spec=spec, role="train"))
+        np.save(out, np.asarray(feats.projected))
+    else:
+        ctx.serve(_PixelStats(), load)
+    ctx.close()
+
+
+@pytest.mark.slow
+def test_two_ranks_encode_each_chunk_as_one_process_does(spec_file, tmp_path):
+    import torch.multiprocessing as mp
+
+    spec = specs.load_spec(str(spec_file))
+    samples = load_split(spec, "train", tmp_path, tmp_path)
+    out = tmp_path / "rank0.npy"
+    mp.spawn(_chunked_rank, args=(str(tmp_path / "init"), str(spec_file), str(tmp_path), str(tmp_path / "cache"),
+                                  str(out)), nprocs=2, join=True)
+    single = encode_image_batches(_PixelStats(), samples, batch_size=BATCH, workers=0)
+    assert np.array_equal(np.load(out), single.projected) and len(single.projected) == 15
+    assert not list((tmp_path / "cache").rglob("*.chunks"))
