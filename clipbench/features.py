@@ -158,7 +158,7 @@ class FeatureCache:
         log.warning("ignoring cache entry %s (%s); recomputing it", path, problem)
         return None
 
-    def save(self, kind: str, key: str, arrays: Mapping[str, np.ndarray | "Rows"], meta: dict[str, Any]) -> None:
+    def save(self, kind: str, key: str, arrays: Mapping[str, np.ndarray | Rows], meta: dict[str, Any]) -> None:
         """Write an entry: ``arrays`` are arrays, or :class:`Rows` streamed from several blocks."""
         if self.root is None:
             return
@@ -470,7 +470,7 @@ def _encode_in_chunks(cache: FeatureCache, key: str, plan: ChunkPlan, encode: Ca
     arrays: dict[str, Rows | np.ndarray] = {"kept": kept, "bad_reasons": np.asarray(list(bad.values()), dtype=str)}
     for name in ("projected", "pre_projection"):
         dim = max(part[name].shape[1] for part in parts)
-        arrays[name] = Rows(np.dtype(np.float32), (len(kept), dim) if len(kept) else (0, dim),
+        arrays[name] = Rows(np.dtype(np.float32), (len(kept), dim),
                             lambda name=name: (part[name] for part in parts if len(part[name])))
     return arrays, bad
 

@@ -152,7 +152,7 @@ def test_a_split_of_one_chunk_is_encoded_in_one_call_as_before(tiny, split, tmp_
         assert np.array_equal(stored["projected"], result.projected)
 
 
-def test_bad_images_in_chunks_are_remembered_and_handled_by_the_policy(tiny, split, spec_file, tmp_path):
+def test_bad_images_in_chunks_are_remembered_and_handled_by_the_policy(tiny, split, tmp_path):
     spec, _ = split
     (tmp_path / "folder" / "train" / "b_green" / "zz_bad.png").write_bytes(b"")  # sample 10, in chunk [8,12)
     samples = load_split(spec, "train", tmp_path, tmp_path)
