@@ -237,9 +237,12 @@ class DistContext:
 
     # -- rank 0 -----------------------------------------------------------------------------
     def encode(self, model: Any, samples: Any, *, spec: Any, role: str, batch_size: int = 256,
-               workers: int = 4, desc: str = "images", max_image_pixels: int | None = None) -> EncodedImages:
+               workers: int = 4, desc: str = "images", max_image_pixels: int | None = None,
+               indices: range | None = None) -> EncodedImages:
         """Rank 0's image encoder (the ``encoder`` hook of :class:`clipbench.pipeline.Evaluator`):
-        features of every readable sample of ``samples``, encoded by all ranks, in dataset order.
+        features of every readable sample of ``samples`` (or of the contiguous ``indices``, one
+        chunk of a chunked extraction, which starts on a batch boundary), encoded by all ranks, in
+        dataset order.
 
         Returns:
             :class:`clipbench.features.EncodedImages`, as :func:`clipbench.features.encode_image_batches`
@@ -248,9 +251,13 @@ class DistContext:
         from clipbench.features import encode_image_batches
 
         if not self.distributed:
-            return encode_image_batches(model, samples, batch_size=batch_size, workers=workers, desc=desc,
-                                        max_image_pixels=max_image_pixels)
-        request = {"op": "encode", "spec": spec, "role": role, "n": len(samples),
+            return encode_image_batches(model, samples, indices=indices, batch_size=batch_size, workers=workers,
+                                        desc=desc, max_image_pixels=max_image_pixels)
+        span = range(len(samples)) if indices is None else indices
+        if span.step != 1 or span.start % batch_size:
+            raise ValueError(f"a distributed encode takes a contiguous range starting on a batch boundary, not {span}")
+        request = {"op": "encode", "spec": spec, "role": role, "n": len(samples), "start": span.start,
+                   "stop": span.stop,
                    "digest": samples.listing_digest(), "batch_size": batch_size, "workers": workers,
                    "max_image_pixels": max_image_pixels}
         self._collective(f"sending the request for {spec.name}/{role}",
@@ -314,7 +321,9 @@ class DistContext:
         from clipbench.features import encode_image_batches
 
         spec, role = request["spec"], request["role"]
-        shard = shard_range(request["n"], request["batch_size"], self.rank, self.world_size)
+        start = request.get("start", 0)
+        local = shard_range(request.get("stop", request["n"]) - start, request["batch_size"], self.rank, self.world_size)
+        shard = range(start + local.start, start + local.stop)  # whole batches of the single-process run
         projected = pre = np.zeros((0, 0), np.float32)
         bad: dict[int, str] = {}
         if error is None:

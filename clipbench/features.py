@@ -14,18 +14,36 @@ position and reason. The cache entry stores the positions encoded (``kept``) and
 others (``bad_reasons``), so a cache hit knows them too; :func:`image_features` then applies the
 run's ``--on-bad-image`` policy: ``fail`` raises :class:`BadImagesError`, ``skip`` returns the
 features of the readable samples with :attr:`ImageFeatures.kept` and :attr:`ImageFeatures.skipped`.
+
+Chunks: a split larger than one chunk (:class:`ChunkPlan`: the smallest multiple of the batch size
+that is at least ``CHUNK_IMAGES`` samples) is encoded chunk by chunk; each chunk is written
+atomically to ``<cache>/image/<key[:2]>/<key>.chunks/b<batch>-<start>-<stop>.npz`` as soon as it is
+done, so a rerun after a crash or ``kill -9`` encodes only the chunks that are missing. Chunk
+boundaries are batch boundaries, so every batch is the one an uninterrupted run encodes and the
+result is bit-identical. When every chunk exists they are streamed into the split's ordinary entry
+(``<key>.npz``, the format every earlier version wrote) and deleted; peak memory is about one chunk.
+
+Memory mapping: entries are uncompressed ``.npz`` archives whose arrays this module writes 64-byte
+aligned inside the archive, so :meth:`FeatureCache.load` maps arrays of ``mmap_min_bytes`` or more
+straight from the file (``np.memmap``, copy-on-write) instead of reading them: ImageNet-train's
+1,281,167 x (768 + 512) float32 features (6.56 GB) are held once, in the page cache. Entries of
+earlier versions (unaligned members) are still read, into memory, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import io
 import json
 import logging
+import shutil
+import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +58,17 @@ log = logging.getLogger(__name__)
 
 #: Bumped whenever the stored arrays' meaning or layout changes; part of every cache key.
 FEATURE_FORMAT_VERSION = 1
+#: Samples per chunk of a split's extraction, rounded up to whole batches (see :class:`ChunkPlan`):
+#: at most this much work is redone after a crash, and about this many rows are held in memory.
+CHUNK_IMAGES = 50_000
+#: Arrays of a cache entry this large or larger are memory-mapped on load; smaller ones are read
+#: (each map holds a file descriptor, so the many small arrays are not mapped).
+MMAP_MIN_BYTES = 1 << 20
+#: Alignment of array data inside the archives written here (numpy's own .npy data alignment).
+_ALIGN = 64
+#: Zip extra-field id of the padding that aligns a member's data (Android's zipalign uses it;
+#: zip readers skip extra fields they do not know).
+_PAD_FIELD = 0xD935
 
 
 @dataclass
@@ -86,10 +115,14 @@ SHOWN_BAD = 10
 
 
 class FeatureCache:
-    """A directory of ``<key>.npz`` files plus ``<key>.json`` metadata, written atomically."""
+    """A directory of ``<key>.npz`` files plus ``<key>.json`` metadata, written atomically.
 
-    def __init__(self, root: Path | None):
+    ``mmap_min_bytes``: arrays of loaded entries at least this large are memory-mapped.
+    """
+
+    def __init__(self, root: Path | None, *, mmap_min_bytes: int = MMAP_MIN_BYTES):
         self.root = Path(root) if root is not None else None
+        self.mmap_min_bytes = mmap_min_bytes
 
     @staticmethod
     def digest(parts: dict[str, Any]) -> str:
@@ -99,9 +132,13 @@ class FeatureCache:
         assert self.root is not None
         return self.root / kind / key[:2] / f"{key}.npz"
 
+    def chunk_dir(self, kind: str, key: str) -> Path:
+        """Where the chunks of an entry being extracted live until it is assembled."""
+        return self._path(kind, key).with_suffix(".chunks")
+
     def load(self, kind: str, key: str,
              expected: Mapping[str, tuple[int | None, ...]] | None = None) -> dict[str, np.ndarray] | None:
-        """The arrays of an entry, or None when it is absent or unusable.
+        """The arrays of an entry (large ones memory-mapped), or None when it is absent or unusable.
 
         ``expected`` maps each array the caller needs to its shape (None: any size on that axis);
         an entry that is unreadable (truncated, zero bytes, not a .npz), lacks one of them, holds one
@@ -113,19 +150,16 @@ class FeatureCache:
         path = self._path(kind, key)
         if not path.is_file():
             return None
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            problem = f"unreadable: {type(exc).__name__}: {exc}" if str(exc) else f"unreadable ({type(exc).__name__})"
-        else:
+        arrays, problem = read_arrays(path, self.mmap_min_bytes)
+        if arrays is not None:
             problem = _entry_problem(arrays, expected or {}, path.with_suffix(".json"))
             if problem is None:
                 return arrays
         log.warning("ignoring cache entry %s (%s); recomputing it", path, problem)
         return None
 
-    def save(self, kind: str, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    def save(self, kind: str, key: str, arrays: Mapping[str, np.ndarray | Rows], meta: dict[str, Any]) -> None:
+        """Write an entry: ``arrays`` are arrays, or :class:`Rows` streamed from several blocks."""
         if self.root is None:
             return
         path = self._path(kind, key)
@@ -134,7 +168,88 @@ class FeatureCache:
         with atomic_open(path.with_suffix(".json"), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True, default=str)
         with atomic_open(path, "wb") as f:
-            np.savez(f, **arrays)
+            write_arrays(f, arrays)
+
+
+@dataclass
+class Rows:
+    """An array written from blocks without being held whole: ``blocks()`` yields C-ordered
+    pieces of dtype ``dtype`` whose concatenation along axis 0 has shape ``shape``."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    blocks: Callable[[], Iterable[np.ndarray]]
+
+
+def write_arrays(f: IO[bytes], arrays: Mapping[str, np.ndarray | Rows]) -> None:
+    """Write ``arrays`` to the seekable binary file ``f`` as an uncompressed ``.npz`` that
+    ``np.load`` reads, with every array's data 64-byte aligned in the file (so it can be mapped)."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            rows = array if isinstance(array, Rows) else Rows(np.asarray(array).dtype, np.asarray(array).shape,
+                                                               lambda a=array: [a])
+            if rows.dtype.hasobject:
+                raise TypeError(f"array {name!r} holds Python objects; cache entries hold plain arrays only")
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            header = io.BytesIO()
+            np.lib.format.write_array_header_1_0(header, {
+                "descr": np.lib.format.dtype_to_descr(rows.dtype), "fortran_order": False, "shape": rows.shape})
+            # local header: 30 fixed bytes, the name, this padding field, then force_zip64's 20 bytes;
+            # the .npy header is a multiple of 64 long, so the data lands aligned too
+            before = f.tell() + 30 + len(info.filename.encode()) + 4 + 20 + len(header.getvalue())
+            pad = -before % _ALIGN
+            info.extra = struct.pack("<HH", _PAD_FIELD, pad) + bytes(pad)
+            written = 0
+            with archive.open(info, "w", force_zip64=True) as out:
+                out.write(header.getvalue())
+                for block in rows.blocks():
+                    block = np.ascontiguousarray(block, dtype=rows.dtype)
+                    written += block.size
+                    out.write(block.data.cast("B") if block.size else b"")
+            if written != int(np.prod(rows.shape)):
+                raise ValueError(f"array {name!r}: its blocks hold {written} values, its shape {rows.shape} "
+                                 f"{int(np.prod(rows.shape))}")
+
+
+def read_arrays(path: Path, mmap_min_bytes: int = MMAP_MIN_BYTES) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The arrays of the ``.npz`` at ``path`` (those of ``mmap_min_bytes`` or more whose data is
+    aligned in the file memory-mapped copy-on-write, the others read), or (None, why unreadable).
+
+    A mapped array reads the file as it is when touched: the cache replaces entries atomically (a
+    new file), never in place, so a mapped entry never changes under its reader."""
+    try:
+        arrays = {}
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+            for info in archive.infolist():
+                if info.filename.endswith(".npy"):
+                    arrays[info.filename[:-4]] = _member(archive, raw, info, path, mmap_min_bytes)
+        return arrays, ""
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        return None, f"unreadable: {type(exc).__name__}: {exc}" if str(exc) else f"unreadable ({type(exc).__name__})"
+
+
+def _member(archive: zipfile.ZipFile, raw: IO[bytes], info: zipfile.ZipInfo, path: Path,
+            mmap_min_bytes: int) -> np.ndarray:
+    """One array of an archive: mapped when it is stored uncompressed, large and aligned."""
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size >= max(mmap_min_bytes, 1):
+        raw.seek(info.header_offset)
+        local = raw.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise ValueError(f"member {info.filename} has no local header")
+        name_length, extra_length = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_length + extra_length
+        raw.seek(start)
+        version = np.lib.format.read_magic(raw)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(raw)
+        offset, nbytes = raw.tell(), int(np.prod(shape)) * dtype.itemsize
+        if offset + nbytes > start + info.file_size:
+            raise ValueError(f"member {info.filename} is shorter than its shape {shape}")
+        if not dtype.hasobject and nbytes and offset % dtype.alignment == 0:
+            return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape,
+                             order="F" if fortran else "C")
+    with archive.open(info) as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
 
 
 def _entry_problem(arrays: dict[str, np.ndarray], expected: Mapping[str, tuple[int | None, ...]],
@@ -282,6 +397,84 @@ def _kept_of(cached: dict[str, np.ndarray], n: int) -> np.ndarray | None:
     return kept if fits else None
 
 
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How a split of ``n`` samples is cut into chunks: ``size`` is the smallest multiple of
+    ``batch_size`` that is at least ``chunk_images``, so chunk boundaries are batch boundaries."""
+
+    n: int
+    batch_size: int
+    chunk_images: int = CHUNK_IMAGES
+
+    @property
+    def size(self) -> int:
+        return self.batch_size * -(-max(self.chunk_images, 1) // self.batch_size)
+
+    def ranges(self) -> list[range]:
+        return [range(start, min(start + self.size, self.n)) for start in range(0, self.n, self.size)]
+
+    def name(self, chunk: range) -> str:
+        """A chunk's file name; it names the batch size and the bounds, so chunks cut another way
+        (another ``--batch-size`` or chunk size) are never taken for this plan's."""
+        return f"b{self.batch_size}-{chunk.start}-{chunk.stop}.npz"
+
+
+def _chunk_problem(arrays: dict[str, np.ndarray], chunk: range) -> str | None:
+    """What makes a readable chunk file unusable for ``chunk``, or None."""
+    names = ("projected", "pre_projection", "kept", "bad_index", "bad_reasons")
+    if any(name not in arrays for name in names):
+        return f"it holds {sorted(arrays)}, not {list(names)}"
+    projected, pre, kept, bad = (arrays[name] for name in names[:4])
+    if projected.dtype != np.float32 or pre.dtype != np.float32 or projected.ndim != 2 or pre.ndim != 2:
+        return "its features are not 2-D float32"
+    if not len(projected) == len(pre) == len(kept) or len(bad) != len(arrays["bad_reasons"]):
+        return "its arrays disagree on the row count"
+    if sorted(np.concatenate([kept, bad]).tolist()) != list(chunk) or np.any(np.diff(kept) <= 0):
+        return f"its rows are not those of samples {chunk.start}..{chunk.stop - 1}"
+    return None
+
+
+def _encode_in_chunks(cache: FeatureCache, key: str, plan: ChunkPlan, encode: Callable[..., EncodedImages],
+                      desc: str) -> tuple[dict[str, Rows | np.ndarray], dict[int, str]]:
+    """Encode the chunks of ``plan`` not yet on disk (``encode(indices=, desc=)``), each written
+    atomically when done; then the entry's arrays (streamed from the chunk files) and every
+    unreadable sample's reason."""
+    folder = cache.chunk_dir("image", key)
+    chunks = plan.ranges()
+    files = [folder / plan.name(chunk) for chunk in chunks]
+    done = sum(path.is_file() for path in files)
+    if done:
+        log.info("resuming %s: %d of %d chunks of %d images on disk", desc, done, len(chunks), plan.size)
+    for chunk, path in zip(chunks, files):
+        if path.is_file():
+            arrays, problem = read_arrays(path, cache.mmap_min_bytes)
+            problem = problem if arrays is None else _chunk_problem(arrays, chunk)
+            if problem is None:
+                continue
+            log.warning("ignoring chunk %s (%s); encoding it again", path, problem)
+        encoded = encode(indices=chunk, desc=f"{desc} {chunk.start}:{chunk.stop}")
+        bad = dict(sorted(encoded.bad.items()))
+        kept = np.setdiff1d(np.arange(chunk.start, chunk.stop, dtype=np.int64), np.fromiter(bad, np.int64, len(bad)))
+        if len(encoded.projected) != len(kept):
+            raise ValueError(f"the encoder returned {len(encoded.projected)} rows for the {len(kept)} readable "
+                             f"samples {chunk.start}..{chunk.stop - 1}")
+        with atomic_open(path, "wb") as f:
+            write_arrays(f, {"projected": encoded.projected, "pre_projection": encoded.pre_projection,
+                             "kept": kept, "bad_index": np.fromiter(bad, np.int64, len(bad)),
+                             "bad_reasons": np.asarray(list(bad.values()), dtype=str)})
+    # every chunk is on disk and valid: the entry's arrays, streamed from the mapped chunk files
+    parts = [read_arrays(path, 0)[0] for path in files]
+    assert all(part is not None for part in parts)
+    kept = np.concatenate([part["kept"] for part in parts])
+    bad = {int(i): str(r) for part in parts for i, r in zip(part["bad_index"], part["bad_reasons"])}
+    arrays: dict[str, Rows | np.ndarray] = {"kept": kept, "bad_reasons": np.asarray(list(bad.values()), dtype=str)}
+    for name in ("projected", "pre_projection"):
+        dim = max(part[name].shape[1] for part in parts)
+        arrays[name] = Rows(np.dtype(np.float32), (len(kept), dim),
+                            lambda name=name: (part[name] for part in parts if len(part[name])))
+    return arrays, bad
+
+
 def bad_images_message(spec_name: str, role: str, samples: Any, bad: dict[int, str]) -> str:
     """The paragraph of a split that fails on its unreadable images."""
     shown = ", ".join(samples.id_of(i) for i in list(bad)[:SHOWN_BAD])
@@ -305,12 +498,16 @@ def image_features(
     encoder: Any = None,
     on_bad_image: str = "fail",
     max_image_pixels: int | None = None,
+    chunk_images: int = CHUNK_IMAGES,
 ) -> ImageFeatures:
     """Image features of one split, from the cache or computed (and cached).
 
     ``encoder`` replaces :func:`encode_image_batches` (the distributed runner passes a sharded one).
     Unreadable images (``max_image_pixels``: see :func:`pixel_limit`) are handled by
     ``on_bad_image``: ``fail`` raises, ``skip`` leaves them out (see :class:`ImageFeatures`).
+    A split of more than one chunk (:class:`ChunkPlan` of ``chunk_images``) is encoded chunk by
+    chunk, resuming at the chunks a killed run left undone; ``encoder`` is then called with
+    ``indices=range(start, stop)`` per chunk. Features of a chunked split are memory-mapped.
 
     Raises:
         BadImagesError: ``on_bad_image="fail"`` and some images cannot be read (also on a cache
@@ -337,18 +534,33 @@ def image_features(
         projected, pre, from_cache, seconds = cached["projected"], cached["pre_projection"], True, 0.0
     else:
         start = time.perf_counter()
-        encode = encoder or encode_image_batches
-        encoded = encode(model, samples, batch_size=batch_size, workers=workers, desc=f"{spec.name}/{role}",
-                         max_image_pixels=max_image_pixels)
-        seconds = time.perf_counter() - start
-        bad = dict(sorted(encoded.bad.items()))
-        kept = np.setdiff1d(np.arange(len(samples), dtype=np.int64), np.fromiter(bad, np.int64, len(bad)))
-        projected, pre, from_cache = encoded.projected, encoded.pre_projection, False
-        # cached under either policy: the readable images' features do not depend on it
-        cache.save("image", key, {"projected": projected, "pre_projection": pre, "kept": kept,
-                                  "bad_reasons": np.asarray(list(bad.values()), dtype=str)},
-                   {**parts, "n": len(kept), "n_split": len(samples), "n_unreadable": len(bad),
-                    "seconds": seconds})
+        encode = functools.partial(encoder or encode_image_batches, model, samples, batch_size=batch_size,
+                                   workers=workers, max_image_pixels=max_image_pixels)
+        desc = f"{spec.name}/{role}"
+        plan = ChunkPlan(len(samples), batch_size, chunk_images)
+        meta = {**parts, "n_split": len(samples)}
+        if cache.root is None or len(samples) <= plan.size:
+            encoded = encode(desc=desc)
+            seconds = time.perf_counter() - start
+            bad = dict(sorted(encoded.bad.items()))
+            kept = np.setdiff1d(np.arange(len(samples), dtype=np.int64), np.fromiter(bad, np.int64, len(bad)))
+            projected, pre = encoded.projected, encoded.pre_projection
+            # cached under either policy: the readable images' features do not depend on it
+            cache.save("image", key, {"projected": projected, "pre_projection": pre, "kept": kept,
+                                      "bad_reasons": np.asarray(list(bad.values()), dtype=str)},
+                       {**meta, "n": len(kept), "n_unreadable": len(bad), "seconds": seconds})
+        else:
+            arrays, bad = _encode_in_chunks(cache, key, plan, encode, desc=desc)
+            seconds = time.perf_counter() - start
+            cache.save("image", key, arrays, {**meta, "n": len(arrays["kept"]), "n_unreadable": len(bad),
+                                              "chunk_images": plan.size, "seconds": seconds})
+            shutil.rmtree(cache.chunk_dir("image", key), ignore_errors=True)
+            stored = cache.load("image", key, {"projected": (None, None), "pre_projection": (None, None)})
+            if stored is None:
+                raise ClipbenchError(f"{desc}: the features just written to {cache.root} cannot be read back; "
+                                     "check the disk (space, errors) and rerun.")
+            kept, projected, pre = stored["kept"], stored["projected"], stored["pre_projection"]
+        from_cache = False
     if not bad:
         return ImageFeatures(projected, pre, samples.targets, kind, from_cache, seconds)
     if on_bad_image != "skip" or len(kept) == 0:

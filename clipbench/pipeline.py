@@ -80,8 +80,10 @@ class Evaluator:
     ``config`` is completed with :meth:`RunConfig.resolved` (its ``model`` fields are ignored:
     ``model`` is the loaded one). ``encoder``, when given, encodes a split's images on a cache
     miss; it is called as ``encoder(model, samples, spec=, role=, batch_size=, workers=, desc=,
-    max_image_pixels=)`` and returns what :func:`clipbench.features.encode_image_batches` does (``torchrun`` runs
-    pass :meth:`clipbench.distributed.DistContext.encode`, which shards the split across ranks).
+    max_image_pixels=, indices=)`` (``indices``: the range of one chunk of a split larger than one
+    chunk, else absent) and returns what :func:`clipbench.features.encode_image_batches` does
+    (``torchrun`` runs pass :meth:`clipbench.distributed.DistContext.encode`, which shards the split
+    across ranks).
     """
 
     def __init__(self, model: Any, config: RunConfig, *, encoder: Callable | None = None):
