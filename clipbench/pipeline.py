@@ -277,15 +277,16 @@ def run(config: RunConfig) -> RunResult:
     Models are evaluated one after another: each is loaded once, runs every dataset, and is
     released before the next one is loaded, so device memory holds one model at a time (a list of
     models rarely fits together on one GPU, and one model's features and probes are all a dataset
-    needs). A model that cannot be loaded (unknown name, missing weights, out of GPU memory), or a
+    needs). A model that cannot be loaded (unknown name, missing weights, out of memory), or a
     dataset or task that fails (missing data, a bad spec value, a metric undefined on the data), is
     reported in :attr:`RunResult.failures` and the run goes on; a failure of the distributed
-    exchange ends it. Under ``torchrun``/``srun`` one model is evaluated per run (several are
-    refused: the serving ranks follow one model).
+    exchange ends it. Under ``torchrun``/``srun`` every rank goes through the models in the same
+    order over one process group (a model that rank 0 cannot load is skipped by all ranks; one that
+    only another rank cannot load ends the job, as with a single model).
 
     Raises:
-        ClipbenchError: invalid settings, no dataset selected, an output directory that cannot be
-            written, several models under torchrun, or (distributed) a model that cannot be loaded.
+        ClipbenchError: invalid settings, no dataset selected, or an output directory that cannot
+            be written.
     """
     from clipbench import specs
     from clipbench.distributed import DistContext
@@ -302,16 +303,10 @@ def run(config: RunConfig) -> RunResult:
     dist_ctx = DistContext.from_env(config.device)
     outcome = RunResult()
     try:
-        if dist_ctx.distributed and len(config.models) > 1:
-            if not dist_ctx.is_main:
-                dist_ctx.serve(None, None)  # returns at the stop rank 0 sends on closing
-            raise ClipbenchError(
-                f"A distributed run (torchrun/srun, {dist_ctx.world_size} ranks) evaluates one model; "
-                f"{len(config.models)} were given ({', '.join(c.label for c in config.models)}). Run "
-                "one torchrun per model, or the models one after another without torchrun."
-            )
-        for choice in config.models:
-            _evaluate_model(choice, config, selected, dist_ctx, outcome)
+        for index, choice in enumerate(config.models):
+            loaded = _evaluate_model(choice, config, selected, dist_ctx, outcome)
+            if loaded and index < len(config.models) - 1:
+                dist_ctx.next_model()  # serving ranks load the next model with rank 0
             # the model and its evaluator are out of scope: free them before the next one loads
             gc.collect()
             if torch.cuda.is_available():
@@ -322,26 +317,36 @@ def run(config: RunConfig) -> RunResult:
 
 
 def _evaluate_model(choice: ModelChoice, config: RunConfig, selected: list[DatasetSpec], dist_ctx: Any,
-                    outcome: RunResult) -> None:
-    """Load one model and run every applicable task of it on ``selected`` into ``outcome``."""
+                    outcome: RunResult) -> bool:
+    """Load one model and run every applicable task of it on ``selected`` into ``outcome`` (other
+    ranks: serve rank 0's requests for it). False when the model could not be loaded."""
     from clipbench.distributed import DistributedError
     from clipbench.models import load_model
 
+    attempted = []  # ranks > 0 load only once rank 0 has loaded: a failure then is theirs alone
+
+    def load() -> Any:
+        attempted.append(True)
+        return load_model(choice.name, choice.pretrained, device=dist_ctx.device(config.device),
+                          precision=config.precision, cache_dir=config.cache_dir,
+                          allow_download=config.allow_download)
+
     try:
-        model = dist_ctx.main_first(lambda: load_model(
-            choice.name, choice.pretrained, device=dist_ctx.device(config.device),
-            precision=config.precision, cache_dir=config.cache_dir, allow_download=config.allow_download))
-    except (ClipbenchError, torch.cuda.OutOfMemoryError) as exc:
-        if dist_ctx.distributed:
-            raise  # every rank failed alike (rank 0 told the others): the job ends
-        outcome.failures.append(Failure("*", "load", str(exc), choice.label))
-        log.error("%s: could not be loaded: %s", choice.label, exc)
-        return
+        model = dist_ctx.main_first(load)
+    except Exception as exc:  # any loading error (a backend's own, out of memory) is this model's alone
+        if not dist_ctx.is_main and attempted:
+            raise  # this rank alone cannot load what rank 0 loaded: the job ends
+        # rank 0 failed and told every rank: all of them go on to the next model
+        if dist_ctx.is_main:
+            outcome.failures.append(Failure("*", "load", str(exc) or type(exc).__name__, choice.label))
+            log.error("%s: could not be loaded: %s", choice.label, exc)
+            log.debug("%s: loading failed here", choice.label, exc_info=True)  # -vv
+        return False
     dist_ctx.check_same_model(model)
     evaluator = Evaluator(model, config, encoder=dist_ctx.encode if dist_ctx.distributed else None)
     if not dist_ctx.is_main:
         dist_ctx.serve(model, evaluator.load_samples)
-        return
+        return True
     for spec in selected:
         evaluator.start_dataset(spec)
         for task in evaluator.tasks_for(spec):
@@ -353,3 +358,4 @@ def _evaluate_model(choice: ModelChoice, config: RunConfig, selected: list[Datas
                 outcome.failures.append(Failure(spec.name, task.name, str(exc), choice.label))
                 log.error("%s/%s: %s", spec.name, task.name, exc)
                 log.debug("%s/%s failed here", spec.name, task.name, exc_info=True)  # -vv
+    return True

@@ -189,3 +189,30 @@ def test_a_model_that_fails_to_load_is_a_failure_and_models_are_resident_one_at_
     assert isinstance(failure, Failure)
     # the failed load held nothing; the second model loaded after the first was released
     assert alive_at_load == [0, 0, 0] and len(loaded) == 2
+
+
+@pytest.mark.slow
+def test_two_ranks_run_several_models_like_one_process(colours, tmp_path):
+    import subprocess
+    import sys
+
+    from test_distributed import _env, _free_port
+
+    def argv(name: str) -> list[str]:
+        return ["-m", "clipbench", "run", "--model", f"{TINY},none", f"{TINY},{MISSING}", f"{TINY},synthetic",
+                "--datasets", str(colours), "--output", str(tmp_path / name / "out"),
+                "--cache-dir", str(tmp_path / name / "cache"), *FAST, "--tasks", "zeroshot"]
+
+    single = subprocess.run([sys.executable, *argv("single")], env=_env(), capture_output=True, text=True,
+                            timeout=300)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    ranks = subprocess.run([*launcher, *argv("ranks")], env=_env(), capture_output=True, text=True, timeout=300)
+    for proc in (single, ranks):  # the missing weights fail that model only, on every rank
+        assert proc.returncode != 0 and f"{TINY},{MISSING}: could not be loaded" in proc.stderr, proc.stderr[-3000:]
+        assert "DistributedError" not in proc.stderr
+    assert "Traceback" not in single.stderr
+    # torchrun's summary: rank 0 exited 2, the failure it reports (torchrun then stops rank 1)
+    assert "rank      : 0 (local_rank: 0)" in ranks.stderr and "exitcode  : 2" in ranks.stderr
+    together, alone = _records(tmp_path / "ranks" / "out"), _records(tmp_path / "single" / "out")
+    assert len(together) == 2 and together == alone
