@@ -13,7 +13,7 @@ from clipbench import __version__
 from clipbench.errors import ClipbenchError
 
 if TYPE_CHECKING:  # imported lazily at run time, so that `clipbench --help` stays light
-    from clipbench.config import RunConfig
+    from clipbench.config import ModelChoice, RunConfig
 
 log = logging.getLogger("clipbench")
 
@@ -128,7 +128,7 @@ def _data_root(args: argparse.Namespace) -> Path:
     return RunConfig(data_root=args.data_root, cache_dir=args.cache_dir).resolved().data_root
 
 
-def _model_choices(args: argparse.Namespace) -> tuple[str | None, str | None, list | None]:
+def _model_choices(args: argparse.Namespace) -> tuple[str | None, str | None, list[ModelChoice] | None]:
     """``(model, pretrained, models)`` for :class:`RunConfig`: one model as before, several as a list.
 
     Raises:
