@@ -13,7 +13,7 @@ from clipbench import __version__
 from clipbench.errors import ClipbenchError
 
 if TYPE_CHECKING:  # imported lazily at run time, so that `clipbench --help` stays light
-    from clipbench.config import RunConfig
+    from clipbench.config import ModelChoice, RunConfig
 
 log = logging.getLogger("clipbench")
 
@@ -50,14 +50,20 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser(
-        "run", help="evaluate a model on datasets and write result records",
-        description="Evaluate a model. With no --model, evaluates the embedded default: the tiny CLIP "
+        "run", help="evaluate models on datasets and write result records",
+        description="Evaluate one or more models. With no --model, evaluates the embedded default: the tiny CLIP "
                     "trained on clipbench's synthetic world, on the synthetic datasets (works offline).",
     )
-    run.add_argument("--model", default=None,
-                     help="open_clip model name or OpenAI alias (ViT-B/32, RN50, ...); default: clipbench-tiny")
+    run.add_argument("--model", nargs="+", default=None, metavar="MODEL[,PRETRAINED]",
+                     help="one or more models, evaluated one after another: an open_clip name or OpenAI "
+                          "alias (ViT-B/32, RN50, ...) or a backend-prefixed name (`clipbench models`), "
+                          "optionally with ,PRETRAINED; default: clipbench-tiny")
+    run.add_argument("--models", type=Path, default=None, metavar="FILE",
+                     help="file of models to evaluate, one MODEL[,PRETRAINED] per line (# comments; "
+                          "clip_benchmark's --pretrained_model files), after those of --model")
     run.add_argument("--pretrained", default=None,
-                     help="pretrained tag, hf-hub:ORG/REPO, or a local checkpoint path")
+                     help="pretrained tag, hf-hub:ORG/REPO, or a local checkpoint path (for every model "
+                          "that does not give its own ,PRETRAINED)")
     run.add_argument("--datasets", nargs="+", default=None,
                      help="dataset names, groups (paper, imagenet-shifts, retrieval, ...) or spec files; "
                           "default: the synthetic datasets for the embedded model, else 'paper retrieval'")
@@ -122,16 +128,35 @@ def _data_root(args: argparse.Namespace) -> Path:
     return RunConfig(data_root=args.data_root, cache_dir=args.cache_dir).resolved().data_root
 
 
+def _model_choices(args: argparse.Namespace) -> tuple[str | None, str | None, list[ModelChoice] | None]:
+    """``(model, pretrained, models)`` for :class:`RunConfig`: one model as before, several as a list.
+
+    Raises:
+        ClipbenchError: a malformed ``--model`` value or ``--models`` file (naming the line).
+    """
+    from clipbench.config import parse_model_choice, read_models_file
+
+    choices = [parse_model_choice(text, args.pretrained) for text in args.model or ()]
+    if args.models is not None:
+        choices += read_models_file(args.models, args.pretrained)
+    if not choices:
+        return None, args.pretrained, None  # the embedded default (--pretrained may pick its weights)
+    if len(choices) == 1:
+        return choices[0].name, choices[0].pretrained, None
+    return None, None, choices
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The :class:`~clipbench.config.RunConfig` of `clipbench run` flags (nothing resolved yet)."""
     from clipbench.config import RunConfig
 
+    model, pretrained, models = _model_choices(args)
     tasks = list(args.tasks) if args.tasks is not None else None
     if args.few_shot:
-        tasks = tasks if tasks is not None else list(RunConfig(model=args.model).resolved().tasks)
+        tasks = tasks if tasks is not None else list(RunConfig(model=model, models=models).resolved().tasks)
         tasks += [] if "few_shot" in tasks else ["few_shot"]
     return RunConfig(
-        model=args.model, pretrained=args.pretrained, datasets=args.datasets, tasks=tasks,
+        model=model, pretrained=pretrained, models=models, datasets=args.datasets, tasks=tasks,
         data_root=args.data_root, output=args.output, cache_dir=args.cache_dir, batch_size=args.batch_size,
         workers=args.workers, device=args.device, precision=args.precision, seed=args.seed,
         force=args.force, allow_download=not args.no_download, probe_solver=args.probe_solver,
@@ -154,9 +179,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(summary_table([r.to_dict() for r in outcome.records]))
         print(f"\nRecords: {Path(config.output).resolve()}")
     if outcome.failures:
+        several = config.models is not None  # set only for several models
         print(f"\n{len(outcome.failures)} task(s) failed:", file=sys.stderr)
-        for dataset, task, message in outcome.failures:
-            print(f"- {dataset}/{task}: {message}", file=sys.stderr)
+        for failure in outcome.failures:
+            owner = f"{failure.model}: " if several else ""
+            what = "could not be loaded" if failure.task == "load" else f"{failure.dataset}/{failure.task}"
+            print(f"- {owner}{what}: {failure.message}", file=sys.stderr)
         return 2
     return 0
 

@@ -30,16 +30,77 @@ PROBE_FEATURES = ("pre_projection", "projected")
 BAD_IMAGE_POLICIES = ("fail", "skip")
 
 
+@dataclass(frozen=True)
+class ModelChoice:
+    """One model of a run: a name as ``--model`` takes it and its pretrained choice (None: the
+    backend's default)."""
+
+    name: str
+    pretrained: str | None = None
+
+    @property
+    def label(self) -> str:
+        """``name,pretrained`` (or ``name``): how a models file and ``--model`` write it."""
+        return self.name if self.pretrained is None else f"{self.name},{self.pretrained}"
+
+
+def parse_model_choice(text: str, pretrained: str | None = None, *, where: str = "--model") -> ModelChoice:
+    """``model`` or ``model,pretrained`` (clip_benchmark's ``--pretrained_model`` syntax);
+    ``pretrained`` is used when the text gives none.
+
+    Raises:
+        ClipbenchError: an empty model or pretrained part, or more than one comma; ``where`` names
+            the flag or file line in the message.
+    """
+    name, sep, tag = (part.strip() for part in text.strip().partition(","))
+    if not name or (sep and not tag) or "," in tag:
+        raise ClipbenchError(
+            f"{where}: {text.strip()!r} is not a model: write `model` or `model,pretrained` (one comma), "
+            "e.g. `ViT-B-32,laion2b_s34b_b79k` or `clipbench-tiny`."
+        )
+    return ModelChoice(name, tag if sep else pretrained)
+
+
+def read_models_file(path: Path | str, pretrained: str | None = None) -> list[ModelChoice]:
+    """The models of a ``--models FILE``: one ``model[,pretrained]`` per line, blank lines and
+    lines starting with ``#`` ignored (clip_benchmark's ``--pretrained_model`` files read as they are).
+    ``pretrained`` is used for lines that give none.
+
+    Raises:
+        ClipbenchError: a missing, unreadable or empty file, or a malformed line (naming file and line).
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ClipbenchError(
+            f"--models {path} cannot be read ({type(exc).__name__}: {exc}); pass a text file with one "
+            "`model[,pretrained]` per line."
+        ) from None
+    choices = [parse_model_choice(line, pretrained, where=f"--models {path} line {number}")
+               for number, line in enumerate(lines, 1) if line.strip() and not line.lstrip().startswith("#")]
+    if not choices:
+        raise ClipbenchError(
+            f"--models {path} names no model (only blank or # comment lines); write one "
+            "`model[,pretrained]` per line, e.g. `ViT-B-32,openai`."
+        )
+    return choices
+
+
 @dataclass
 class RunConfig:
     """Everything `clipbench run` needs.
 
     ``model``/``pretrained`` None means the embedded default; ``datasets``/``tasks`` None mean the
-    defaults for that model (:meth:`resolved`).
+    defaults for that model (:meth:`resolved`). ``models`` lists several models for one run
+    instead (then ``model``/``pretrained`` stay None).
     """
 
     model: str | None = None
     pretrained: str | None = None
+    #: the models of the run, evaluated one after another on every dataset; None: the one model of
+    #: ``model``/``pretrained``. :meth:`resolved` always fills it.
+    models: list[ModelChoice] | None = None
     datasets: list[str] | None = None
     tasks: list[str] | None = None
     data_root: Path | None = None
@@ -83,7 +144,7 @@ class RunConfig:
 
     @property
     def embedded(self) -> bool:
-        return self.model is None
+        return self.model is None and self.models is None
 
     def resolved(self) -> "RunConfig":
         """A copy with every open choice filled in: model, datasets, tasks and directories."""
@@ -97,10 +158,13 @@ class RunConfig:
             data_root = cache / "data"
         from clipbench.tasks import builtin_task_names
 
+        model = EMBEDDED_MODEL if embedded else self.model
+        pretrained = EMBEDDED_PRETRAINED if embedded and self.pretrained is None else self.pretrained
         return dataclasses.replace(
             self,
-            model=EMBEDDED_MODEL if embedded else self.model,
-            pretrained=EMBEDDED_PRETRAINED if embedded and self.pretrained is None else self.pretrained,
+            model=model,
+            pretrained=pretrained,
+            models=list(self.models) if self.models is not None else [ModelChoice(model, pretrained)],
             datasets=list(self.datasets or (EMBEDDED_DATASETS if embedded else MODEL_DATASETS)),
             tasks=list(self.tasks if self.tasks is not None else
                        (builtin_task_names() if embedded else MODEL_TASKS)),
@@ -150,6 +214,17 @@ class RunConfig:
             checks.append(("text_batch_size", self.text_batch_size, self.text_batch_size >= 1, "an integer >= 1"))
         problems += [f"{flag} {value!r} is invalid: expected {expected}" for flag, value, ok, expected in checks
                      if not ok]
+        if self.models is not None:
+            labels = [choice.label for choice in self.models]
+            if not labels:
+                problems.append("the model list is empty; name at least one model")
+            single = (self.model, self.pretrained)
+            if single != (None, None) and self.models != [ModelChoice(*single)]:
+                problems.append(f"model/pretrained {single} are given beside the model list {labels}; "
+                                "put each model with its pretrained choice in the list")
+            twice = sorted({label for label in labels if labels.count(label) > 1})
+            if twice:
+                problems.append(f"the model list names {', '.join(twice)} more than once; name each model once")
         for flag, path in (("--output", self.output), ("--cache-dir", self.cache_dir)):
             if path is not None and Path(path).exists() and not Path(path).is_dir():
                 problems.append(f"{flag} {path} is a file, not a directory; pass a directory")

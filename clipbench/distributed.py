@@ -10,7 +10,8 @@ Design: rank 0 leads, the other ranks serve shards.
   broadcasts a request ``(spec, role)`` to the other ranks; every rank loads that split with the same
   adapter call, checks that it sees the same content as rank 0, encodes its shard, and the shards are
   gathered to rank 0 in dataset order. Between requests the other ranks wait in
-  :meth:`DistContext.serve`; rank 0 tells them to exit in :meth:`DistContext.close`.
+  :meth:`DistContext.serve`; rank 0 tells them to exit in :meth:`DistContext.close`, or, in a run of
+  several models, to load the next one (:meth:`DistContext.next_model`).
 * A shard is a contiguous block of whole batches (:func:`shard_range`), so every image is encoded in
   exactly the batch it would be in a single process: per-image features do not depend on the number
   of ranks. Shard sizes differ by at most one batch; the last, partial batch is handled like in a
@@ -266,6 +267,13 @@ class DistContext:
         assert result is not None
         return result
 
+    def next_model(self) -> None:
+        """Rank 0, between two models of one run: the serving ranks return from :meth:`serve` and
+        load the next model with rank 0 (after the last model, :meth:`close` stops them instead)."""
+        if self.distributed and self.is_main:
+            self._collective("sending the next model", lambda: dist.broadcast_object_list(
+                [{"op": "next"}], src=0, group=self._control))
+
     def close(self) -> None:
         """Rank 0: tell the serving ranks to exit. Every rank: leave the process group.
 
@@ -282,7 +290,8 @@ class DistContext:
 
     # -- other ranks ------------------------------------------------------------------------
     def serve(self, model: Any, load_samples: Callable[[Any, str], Any]) -> None:
-        """Ranks > 0: encode shards of the splits rank 0 asks for, until rank 0 says stop.
+        """Ranks > 0: encode shards of the splits rank 0 asks for, until rank 0 says stop (or, in
+        a run of several models, moves on to the next one: :meth:`next_model`).
 
         ``load_samples(spec, role)`` is the pipeline's loader
         (:meth:`clipbench.pipeline.Evaluator.load_samples`); a request carries the dataset spec and
@@ -294,7 +303,7 @@ class DistContext:
             self._collective("waiting for rank 0's next request",
                              lambda: dist.broadcast_object_list(box, src=0, group=self._control))
             request = box[0]
-            if request["op"] == "stop":
+            if request["op"] in ("stop", "next"):
                 return
             self._requests += 1
             if fail_on is not None and int(fail_on) == self.rank and self._requests > 1:

@@ -1,8 +1,8 @@
 """Wires specs -> data -> features -> tasks -> records; the only module that does.
 
-:func:`run` is a whole `clipbench run`: it resolves the settings, loads the model (once per
-process, also under ``torchrun``), and evaluates every requested task on every dataset, keeping
-the run alive when one dataset or task fails. :class:`Evaluator` does the per-dataset work for one
+:func:`run` is a whole `clipbench run`: it resolves the settings, loads each model in turn (once
+per process, also under ``torchrun``), and evaluates every requested task on every dataset, keeping
+the run alive when one model, dataset or task fails. :class:`Evaluator` does the per-dataset work for one
 loaded model: it asks each task (:mod:`clipbench.tasks`) what it needs, computes those features
 (cached), hands the task numpy arrays, and writes the record, skipping a stored record only when
 it was computed under the same settings.
@@ -11,19 +11,21 @@ it was computed under the same settings.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
+import torch
 
 from clipbench import results
 from clipbench.atomic import remove_stale_temporaries
-from clipbench.config import RunConfig
+from clipbench.config import ModelChoice, RunConfig
 from clipbench.data import Samples, load_split, source_prompts
 from clipbench.errors import ClipbenchError
 from clipbench.features import FeatureCache, ImageFeatures, image_features, text_features
@@ -34,7 +36,7 @@ from clipbench.tasks.zeroshot import build_prompts, has_placeholder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "RunResult", "Evaluator", "RunConfig", "prompts_for"]
+__all__ = ["run", "RunResult", "Failure", "Evaluator", "RunConfig", "prompts_for"]
 
 
 def prompts_for(spec: DatasetSpec, config: RunConfig, data_root: Path) -> tuple[list[str], list[str], str]:
@@ -253,28 +255,43 @@ class Evaluator:
         return record, output, ids
 
 
+class Failure(NamedTuple):
+    """A dataset/task that failed (``task`` ``"load"`` and ``dataset`` ``"*"``: the model could not
+    be loaded), its message, and the model as the run named it (``name[,pretrained]``)."""
+
+    dataset: str
+    task: str
+    message: str
+    model: str = ""
+
+
 @dataclass
 class RunResult:
-    """What a run produced: records in order, and ``(dataset, task, message)`` of each failure."""
+    """What a run produced: records in order, and a :class:`Failure` for each failure."""
 
     records: list[results.Record] = field(default_factory=list)
-    failures: list[tuple[str, str, str]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
 
 
 def run(config: RunConfig) -> RunResult:
-    """A whole `clipbench run`: every requested task on every selected dataset.
+    """A whole `clipbench run`: every requested task of every model on every selected dataset.
 
-    A dataset or task that fails (missing data, a bad spec value, a metric undefined on the data)
-    is reported in :attr:`RunResult.failures` and the run goes on; a failure of the distributed
-    exchange or of loading the model ends it.
+    Models are evaluated one after another: each is loaded once, runs every dataset, and is
+    released before the next one is loaded, so device memory holds one model at a time (a list of
+    models rarely fits together on one GPU, and one model's features and probes are all a dataset
+    needs). A model that cannot be loaded (unknown name, missing weights, out of memory), or a
+    dataset or task that fails (missing data, a bad spec value, a metric undefined on the data), is
+    reported in :attr:`RunResult.failures` and the run goes on; a failure of the distributed
+    exchange ends it. Under ``torchrun``/``srun`` every rank goes through the models in the same
+    order over one process group (a model that rank 0 cannot load is skipped by all ranks; one that
+    only another rank cannot load ends the job, as with a single model).
 
     Raises:
-        ClipbenchError: invalid settings, no dataset selected, the model cannot be loaded, or an
-            output directory that cannot be written.
+        ClipbenchError: invalid settings, no dataset selected, or an output directory that cannot
+            be written.
     """
     from clipbench import specs
-    from clipbench.distributed import DistContext, DistributedError
-    from clipbench.models import load_model
+    from clipbench.distributed import DistContext
 
     config.validate()
     config = config.resolved()
@@ -288,25 +305,59 @@ def run(config: RunConfig) -> RunResult:
     dist_ctx = DistContext.from_env(config.device)
     outcome = RunResult()
     try:
-        model = dist_ctx.main_first(lambda: load_model(
-            config.model, config.pretrained, device=dist_ctx.device(config.device),
-            precision=config.precision, cache_dir=config.cache_dir, allow_download=config.allow_download))
-        dist_ctx.check_same_model(model)
-        evaluator = Evaluator(model, config, encoder=dist_ctx.encode if dist_ctx.distributed else None)
-        if not dist_ctx.is_main:
-            dist_ctx.serve(model, evaluator.load_samples)
-            return outcome
-        for spec in selected:
-            evaluator.start_dataset(spec)
-            for task in evaluator.tasks_for(spec):
-                try:
-                    outcome.records.append(evaluator.run_task(spec, task))
-                except DistributedError:
-                    raise
-                except (ClipbenchError, ValueError, TypeError) as exc:
-                    outcome.failures.append((spec.name, task.name, str(exc)))
-                    log.error("%s/%s: %s", spec.name, task.name, exc)
-                    log.debug("%s/%s failed here", spec.name, task.name, exc_info=True)  # -vv
+        for index, choice in enumerate(config.models):
+            loaded = _evaluate_model(choice, config, selected, dist_ctx, outcome)
+            if loaded and index < len(config.models) - 1:
+                dist_ctx.next_model()  # serving ranks load the next model with rank 0
+            # the model and its evaluator are out of scope: free them before the next one loads
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     finally:
         dist_ctx.close()
     return outcome
+
+
+def _evaluate_model(choice: ModelChoice, config: RunConfig, selected: list[DatasetSpec], dist_ctx: Any,
+                    outcome: RunResult) -> bool:
+    """Load one model and run every applicable task of it on ``selected`` into ``outcome`` (other
+    ranks: serve rank 0's requests for it). False when the model could not be loaded."""
+    from clipbench.distributed import DistributedError
+    from clipbench.models import load_model
+
+    attempted = []  # ranks > 0 load only once rank 0 has loaded: a failure then is theirs alone
+
+    def load() -> Any:
+        attempted.append(True)
+        return load_model(choice.name, choice.pretrained, device=dist_ctx.device(config.device),
+                          precision=config.precision, cache_dir=config.cache_dir,
+                          allow_download=config.allow_download)
+
+    try:
+        model = dist_ctx.main_first(load)
+    except Exception as exc:  # any loading error (a backend's own, out of memory) is this model's alone
+        if not dist_ctx.is_main and attempted:
+            raise  # this rank alone cannot load what rank 0 loaded: the job ends
+        # rank 0 failed and told every rank: all of them go on to the next model
+        if dist_ctx.is_main:
+            outcome.failures.append(Failure("*", "load", str(exc) or type(exc).__name__, choice.label))
+            log.error("%s: could not be loaded: %s", choice.label, exc)
+            log.debug("%s: loading failed here", choice.label, exc_info=True)  # -vv
+        return False
+    dist_ctx.check_same_model(model)
+    evaluator = Evaluator(model, config, encoder=dist_ctx.encode if dist_ctx.distributed else None)
+    if not dist_ctx.is_main:
+        dist_ctx.serve(model, evaluator.load_samples)
+        return True
+    for spec in selected:
+        evaluator.start_dataset(spec)
+        for task in evaluator.tasks_for(spec):
+            try:
+                outcome.records.append(evaluator.run_task(spec, task))
+            except DistributedError:
+                raise
+            except (ClipbenchError, ValueError, TypeError) as exc:
+                outcome.failures.append(Failure(spec.name, task.name, str(exc), choice.label))
+                log.error("%s/%s: %s", spec.name, task.name, exc)
+                log.debug("%s/%s failed here", spec.name, task.name, exc_info=True)  # -vv
+    return True
