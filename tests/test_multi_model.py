@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from clipbench.cli import _build_parser, config_from_args, main
-from clipbench.config import ModelChoice, RunConfig, parse_model_choice, read_models_file
+from clipbench.config import ModelChoice, RunConfig, read_models_file
 from clipbench.errors import ClipbenchError
 
 from conftest import COLOURS_SPEC, write_imagefolder
