@@ -180,7 +180,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\nRecords: {Path(config.output).resolve()}")
     if outcome.failures:
         several = config.models is not None  # set only for several models
-        print(f"\n{len(outcome.failures)} task(s) failed:", file=sys.stderr)
+        loads = [f for f in outcome.failures if f.task == "load"]
+        if loads and not several:  # the one model could not be loaded, so nothing else ran
+            print(f"error: {loads[0].message}", file=sys.stderr)
+            return 2
+        print(f"\n{len(outcome.failures)} failure(s):", file=sys.stderr)
         for failure in outcome.failures:
             owner = f"{failure.model}: " if several else ""
             what = "could not be loaded" if failure.task == "load" else f"{failure.dataset}/{failure.task}"

@@ -152,7 +152,7 @@ def test_the_command_line_names_the_files_and_how_many_without_a_traceback(tmp_p
                           capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=600)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "1 task(s) failed:" in proc.stderr and "- bad/zeroshot:" in proc.stderr
+    assert "1 failure(s):" in proc.stderr and "- bad/zeroshot:" in proc.stderr
     assert "12 of 21 images cannot be read" in proc.stderr and "and 2 more" in proc.stderr
     shown = [n for n in names if n in proc.stderr]
     assert len(shown) == 10  # the first ten, in split order
