@@ -98,6 +98,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="bootstrap resamples for the 95%% CI (0: none)")
     run.add_argument("--templates", type=Path, default=None, help="file of prompt templates ({c} placeholder)")
     run.add_argument("--classnames", type=Path, default=None, help="file of class names, one per line")
+    run.add_argument("--no-shared-decode", dest="shared_decode", action="store_false",
+                     help="load and evaluate the models one at a time, even those with the same "
+                          "preprocessing (which by default share one decoding pass while they fit)")
     run.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default=default("on_bad_image"),
                      help="an image that cannot be read: fail its split, naming the files (default: "
                           "%(default)s), or skip those samples (records list them)")
@@ -164,7 +167,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         few_shot_k=args.few_shot or RunConfig.default("few_shot_k"),
         few_shot_seeds=args.few_shot_seeds, recall_k=args.recall_k, n_bootstrap=args.bootstrap,
         templates_file=args.templates, classnames_file=args.classnames, on_bad_image=args.on_bad_image,
-        max_image_pixels=args.max_image_pixels,
+        max_image_pixels=args.max_image_pixels, shared_decode=args.shared_decode,
     )
 
 

@@ -132,6 +132,9 @@ class RunConfig:
     #: fails its split with a message naming the files; "skip" leaves those samples out and every
     #: record computed from the split lists them (``Record.skipped``)
     on_bad_image: str = "fail"
+    #: keep consecutive models with the same preprocessing loaded together and decode each image
+    #: once for all of them (clipbench/shared_decode.py); changes speed and memory only
+    shared_decode: bool = True
     #: Pillow's decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``, which refuses an image of
     #: more than twice this many pixels); None keeps Pillow's own default, 0 removes the limit
     max_image_pixels: int | None = None

@@ -40,6 +40,7 @@ import json
 import logging
 import shutil
 import struct
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,11 +100,14 @@ class EncodedImages:
 
     projected: (n, D) float32 L2-normalized; pre_projection: (n, P) float32;
     bad: sample index -> why it could not be read (its row is absent), in index order.
+    seconds: the encoding time to charge to this model (several models sharing one pass each get
+        their part, see :func:`encode_shared_batches`); None: the caller's wall time.
     """
 
     projected: np.ndarray
     pre_projection: np.ndarray
     bad: dict[int, str] = field(default_factory=dict)
+    seconds: float | None = None
 
 
 class BadImagesError(ClipbenchError):
@@ -131,6 +135,10 @@ class FeatureCache:
     def _path(self, kind: str, key: str) -> Path:
         assert self.root is not None
         return self.root / kind / key[:2] / f"{key}.npz"
+
+    def has(self, kind: str, key: str) -> bool:
+        """Whether an entry is stored under ``key`` (not whether it is valid: :meth:`load` checks)."""
+        return self.root is not None and self._path(kind, key).is_file()
 
     def chunk_dir(self, kind: str, key: str) -> Path:
         """Where the chunks of an entry being extracted live until it is assembled."""
@@ -275,9 +283,11 @@ def _entry_problem(arrays: dict[str, np.ndarray], expected: Mapping[str, tuple[i
     return None
 
 
-def image_cache_key(model: Any, spec: Any, role: str, samples: Any) -> dict[str, Any]:
-    """Everything that changes a split's image features."""
-    return {
+def image_cache_key(model: Any, spec: Any, role: str, samples: Any,
+                    max_image_pixels: int | None = None) -> dict[str, Any]:
+    """Everything that changes a split's image features (:meth:`FeatureCache.digest` of it is the
+    entry's key)."""
+    parts = {
         "format": FEATURE_FORMAT_VERSION,
         **model.identity(),
         "preprocess": repr(model.preprocess),
@@ -287,6 +297,11 @@ def image_cache_key(model: Any, spec: Any, role: str, samples: Any) -> dict[str,
         "split_value": spec.split(role),
         "content": samples.content_digest(),
     }
+    if max_image_pixels is not None:
+        # which images decode depends on the limit; the default adds no key part, so the keys of
+        # entries made under Pillow's default limit stay what they were
+        parts["max_image_pixels"] = max_image_pixels
+    return parts
 
 
 @contextlib.contextmanager
@@ -359,10 +374,31 @@ def encode_image_batches(
 
     Batches are those of ``indices`` (``[0, b)``, ``[b, 2b)``, ...) less their unreadable images.
     """
+    return encode_shared_batches([model], samples, indices=indices, batch_size=batch_size, workers=workers,
+                                 desc=desc, max_image_pixels=max_image_pixels)[0]
+
+
+def encode_shared_batches(
+    models: Sequence[Any],
+    samples: Any,
+    *,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 256,
+    workers: int = 4,
+    desc: str = "images",
+    max_image_pixels: int | None = None,
+) -> list[EncodedImages]:
+    """:func:`encode_image_batches` for several models on one device with the same preprocessing:
+    each image is read and transformed once (with ``models[0].preprocess``) and every batch goes
+    through every model, so each model gets exactly the rows (and batches) it gets alone.
+
+    :attr:`EncodedImages.seconds` of each: its own forward passes plus an equal share of the
+    reading, decoding and transforming (the time spent waiting for batches).
+    """
     indices = list(range(len(samples))) if indices is None else list(indices)
-    device = torch.device(model.device)
+    device = torch.device(models[0].device)
     loader = DataLoader(
-        _PreprocessedImages(samples, model.preprocess, indices, max_image_pixels),
+        _PreprocessedImages(samples, models[0].preprocess, indices, max_image_pixels),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -371,20 +407,33 @@ def encode_image_batches(
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
     )
-    projected: list[np.ndarray] = []
-    pre: list[np.ndarray] = []
+    projected: list[list[np.ndarray]] = [[] for _ in models]
+    pre: list[list[np.ndarray]] = [[] for _ in models]
+    forward = [0.0] * len(models)
     bad: dict[int, str] = {}
-    with torch.inference_mode(), model.autocast():
+    start = time.perf_counter()
+    with torch.inference_mode():
         for pixels, _, bad_here in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
             bad.update({indices[position]: reason for position, reason in bad_here.items()})
             if pixels is None:
                 continue
-            proj, before = model.encode_images(pixels.to(device, non_blocking=True))
-            projected.append(proj.float().cpu().numpy())
-            pre.append(before.float().cpu().numpy())
-    if not projected:
-        return EncodedImages(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), bad)
-    return EncodedImages(np.concatenate(projected), np.concatenate(pre), bad)
+            pixels = pixels.to(device, non_blocking=True)
+            for i, model in enumerate(models):
+                began = time.perf_counter()
+                with model.autocast():
+                    proj, before = model.encode_images(pixels)
+                projected[i].append(proj.float().cpu().numpy())  # the copy to the host waits for the device
+                pre[i].append(before.float().cpu().numpy())
+                forward[i] += time.perf_counter() - began
+    reading = (time.perf_counter() - start - sum(forward)) / len(models)
+    out = []
+    for i in range(len(models)):
+        if projected[i]:
+            arrays = np.concatenate(projected[i]), np.concatenate(pre[i])
+        else:
+            arrays = np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
+        out.append(EncodedImages(*arrays, dict(bad), seconds=forward[i] + reading))
+    return out
 
 
 def _kept_of(cached: dict[str, np.ndarray], n: int) -> np.ndarray | None:
@@ -434,6 +483,19 @@ def _chunk_problem(arrays: dict[str, np.ndarray], chunk: range) -> str | None:
     return None
 
 
+def write_chunk(path: Path, chunk: range, encoded: EncodedImages) -> None:
+    """Write the features of the samples ``chunk`` to the chunk file ``path``, atomically."""
+    bad = dict(sorted(encoded.bad.items()))
+    kept = np.setdiff1d(np.arange(chunk.start, chunk.stop, dtype=np.int64), np.fromiter(bad, np.int64, len(bad)))
+    if len(encoded.projected) != len(kept):
+        raise ValueError(f"the encoder returned {len(encoded.projected)} rows for the {len(kept)} readable "
+                         f"samples {chunk.start}..{chunk.stop - 1}")
+    with atomic_open(path, "wb") as f:
+        write_arrays(f, {"projected": encoded.projected, "pre_projection": encoded.pre_projection,
+                         "kept": kept, "bad_index": np.fromiter(bad, np.int64, len(bad)),
+                         "bad_reasons": np.asarray(list(bad.values()), dtype=str)})
+
+
 def _encode_in_chunks(cache: FeatureCache, key: str, plan: ChunkPlan, encode: Callable[..., EncodedImages],
                       desc: str) -> tuple[dict[str, Rows | np.ndarray], dict[int, str]]:
     """Encode the chunks of ``plan`` not yet on disk (``encode(indices=, desc=)``), each written
@@ -452,16 +514,7 @@ def _encode_in_chunks(cache: FeatureCache, key: str, plan: ChunkPlan, encode: Ca
             if problem is None:
                 continue
             log.warning("ignoring chunk %s (%s); encoding it again", path, problem)
-        encoded = encode(indices=chunk, desc=f"{desc} {chunk.start}:{chunk.stop}")
-        bad = dict(sorted(encoded.bad.items()))
-        kept = np.setdiff1d(np.arange(chunk.start, chunk.stop, dtype=np.int64), np.fromiter(bad, np.int64, len(bad)))
-        if len(encoded.projected) != len(kept):
-            raise ValueError(f"the encoder returned {len(encoded.projected)} rows for the {len(kept)} readable "
-                             f"samples {chunk.start}..{chunk.stop - 1}")
-        with atomic_open(path, "wb") as f:
-            write_arrays(f, {"projected": encoded.projected, "pre_projection": encoded.pre_projection,
-                             "kept": kept, "bad_index": np.fromiter(bad, np.int64, len(bad)),
-                             "bad_reasons": np.asarray(list(bad.values()), dtype=str)})
+        write_chunk(path, chunk, encode(indices=chunk, desc=f"{desc} {chunk.start}:{chunk.stop}"))
     # every chunk is on disk and valid: the entry's arrays, streamed from the mapped chunk files
     parts = [read_arrays(path, 0)[0] for path in files]
     assert all(part is not None for part in parts)
@@ -513,13 +566,7 @@ def image_features(
         BadImagesError: ``on_bad_image="fail"`` and some images cannot be read (also on a cache
             hit: the entry remembers them).
     """
-    import time
-
-    parts = image_cache_key(model, spec, role, samples)
-    if max_image_pixels is not None:
-        # which images decode depends on the limit; the default adds no key part, so the keys of
-        # entries made under Pillow's default limit stay what they were
-        parts["max_image_pixels"] = max_image_pixels
+    parts = image_cache_key(model, spec, role, samples, max_image_pixels)
     key = FeatureCache.digest(parts)
     kind = getattr(model, "pre_projection_kind", "before_projection")
     # rows: the split's readable images (``kept``), checked against the split by _kept_of
@@ -534,14 +581,23 @@ def image_features(
         projected, pre, from_cache, seconds = cached["projected"], cached["pre_projection"], True, 0.0
     else:
         start = time.perf_counter()
-        encode = functools.partial(encoder or encode_image_batches, model, samples, batch_size=batch_size,
-                                   workers=workers, max_image_pixels=max_image_pixels)
+        base = functools.partial(encoder or encode_image_batches, model, samples, batch_size=batch_size,
+                                 workers=workers, max_image_pixels=max_image_pixels)
+        overcharged: list[float] = []  # per encoder call: its wall time less what it charges this model
+
+        def encode(**kwargs: Any) -> EncodedImages:
+            began = time.perf_counter()
+            encoded = base(**kwargs)
+            wall = time.perf_counter() - began
+            overcharged.append(wall - (wall if encoded.seconds is None else encoded.seconds))
+            return encoded
+
         desc = f"{spec.name}/{role}"
         plan = ChunkPlan(len(samples), batch_size, chunk_images)
         meta = {**parts, "n_split": len(samples)}
         if cache.root is None or len(samples) <= plan.size:
             encoded = encode(desc=desc)
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start - sum(overcharged)
             bad = dict(sorted(encoded.bad.items()))
             kept = np.setdiff1d(np.arange(len(samples), dtype=np.int64), np.fromiter(bad, np.int64, len(bad)))
             projected, pre = encoded.projected, encoded.pre_projection
@@ -551,7 +607,7 @@ def image_features(
                        {**meta, "n": len(kept), "n_unreadable": len(bad), "seconds": seconds})
         else:
             arrays, bad = _encode_in_chunks(cache, key, plan, encode, desc=desc)
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start - sum(overcharged)
             cache.save("image", key, arrays, {**meta, "n": len(arrays["kept"]), "n_unreadable": len(bad),
                                               "chunk_images": plan.size, "seconds": seconds})
             shutil.rmtree(cache.chunk_dir("image", key), ignore_errors=True)

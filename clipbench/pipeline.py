@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -144,7 +144,7 @@ class Evaluator:
 
     def start_dataset(self, spec: DatasetSpec) -> None:
         """Forget the previous dataset's features (one dataset at a time bounds the memory held)."""
-        self._current = {}
+        self.end_dataset()
         applicable = self.tasks_for(spec)
         for task in [t for t in self._eligible(spec) if t not in applicable]:
             log.warning("%s/%s: skipped, the task needs text features and %s is an image-only model",
@@ -152,6 +152,33 @@ class Evaluator:
         if not self._eligible(spec):
             log.warning("%s: none of the tasks %s apply (it supports %s); skipped",
                         spec.name, self.config.tasks, list(spec.tasks))
+
+    def end_dataset(self) -> None:
+        """Release the current dataset's features."""
+        self._current = {}
+
+    def roles_to_encode(self, spec: DatasetSpec) -> set[str]:
+        """The split roles of ``spec`` whose image features :meth:`run_task` will use: those of the
+        applicable tasks without a reusable record."""
+        roles: set[str] = set()
+        for task in self.tasks_for(spec):
+            try:
+                reused = self._reuses(self._stored(spec, task), self.record_settings(spec, task))
+            except (ClipbenchError, ValueError, TypeError):
+                reused = False  # the task fails in run_task, which reports why
+            if not reused:
+                roles.update(role for role in task.needs(spec).roles
+                             if role == "test" or spec.split(role) is not None)
+        return roles
+
+    def _stored(self, spec: DatasetSpec, task: Task) -> results.Record | None:
+        return results.existing_record(self.config.output, self.model.name, self.model.pretrained,
+                                       spec.name, task.name)
+
+    def _reuses(self, existing: results.Record | None, settings: dict[str, Any]) -> bool:
+        """Whether the stored record ``existing`` stands for a task computed under ``settings``."""
+        return (existing is not None and not self.config.force
+                and existing.config.get("settings_digest") == settings["settings_digest"])
 
     def record_settings(self, spec: DatasetSpec, task: Task) -> dict[str, Any]:
         """The record ``config`` entries that determine the task's numbers, and their digest."""
@@ -179,13 +206,12 @@ class Evaluator:
         settings = self.record_settings(spec, task)
         path = results.record_path(self.config.output, self.model.name, self.model.pretrained,
                                    spec.name, task.name)
-        existing = results.existing_record(self.config.output, self.model.name, self.model.pretrained,
-                                           spec.name, task.name)
-        old = existing.config.get("settings_digest") if existing is not None else None
-        if existing is not None and old == settings["settings_digest"] and not self.config.force:
+        existing = self._stored(spec, task)
+        if self._reuses(existing, settings):
             log.info("%s/%s: record exists with the same settings, skipped (--force recomputes)",
                      spec.name, task.name)
             return existing
+        old = existing.config.get("settings_digest") if existing is not None else None
         start = time.perf_counter()
         record, output, sample_ids = self._compute(spec, task, settings)
         record.seconds["total"] = round(time.perf_counter() - start, 3)
@@ -276,15 +302,17 @@ class RunResult:
 def run(config: RunConfig) -> RunResult:
     """A whole `clipbench run`: every requested task of every model on every selected dataset.
 
-    Models are evaluated one after another: each is loaded once, runs every dataset, and is
-    released before the next one is loaded, so device memory holds one model at a time (a list of
-    models rarely fits together on one GPU, and one model's features and probes are all a dataset
-    needs). A model that cannot be loaded (unknown name, missing weights, out of memory), or a
-    dataset or task that fails (missing data, a bad spec value, a metric undefined on the data), is
-    reported in :attr:`RunResult.failures` and the run goes on; a failure of the distributed
-    exchange ends it. Under ``torchrun``/``srun`` every rank goes through the models in the same
-    order over one process group (a model that rank 0 cannot load is skipped by all ranks; one that
-    only another rank cannot load ends the job, as with a single model).
+    Each model is loaded once. Consecutive models with the same preprocessing are kept loaded
+    together while the device has room (:mod:`clipbench.shared_decode`) and run dataset by
+    dataset, each split's images decoded once for all of them; any other model runs every
+    dataset alone and is released before the next one loads (``config.shared_decode`` False:
+    always so). Every record is the one a separate run of its model writes. A model that cannot
+    be loaded (unknown name, missing weights, out of memory), or a dataset or task that fails
+    (missing data, a bad spec value, a metric undefined on the data), is reported in
+    :attr:`RunResult.failures` and the run goes on; a failure of the distributed exchange ends
+    it. Under ``torchrun``/``srun`` every rank goes through the models in the same order over
+    one process group (a model that rank 0 cannot load is skipped by all ranks; one that only
+    another rank cannot load ends the job, as with a single model).
 
     Raises:
         ClipbenchError: invalid settings, no dataset selected, or an output directory that cannot
@@ -305,11 +333,9 @@ def run(config: RunConfig) -> RunResult:
     dist_ctx = DistContext.from_env(config.device)
     outcome = RunResult()
     try:
-        for index, choice in enumerate(config.models):
-            loaded = _evaluate_model(choice, config, selected, dist_ctx, outcome)
-            if loaded and index < len(config.models) - 1:
-                dist_ctx.next_model()  # serving ranks load the next model with rank 0
-            # the model and its evaluator are out of scope: free them before the next one loads
+        for group in _model_groups(config, dist_ctx, outcome):
+            _evaluate_group(group, config, selected, dist_ctx, outcome)
+            group.clear()  # the group's models are out of scope: free them before the next ones load
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -318,11 +344,42 @@ def run(config: RunConfig) -> RunResult:
     return outcome
 
 
-def _evaluate_model(choice: ModelChoice, config: RunConfig, selected: list[DatasetSpec], dist_ctx: Any,
-                    outcome: RunResult) -> bool:
-    """Load one model and run every applicable task of it on ``selected`` into ``outcome`` (other
-    ranks: serve rank 0's requests for it). False when the model could not be loaded."""
-    from clipbench.distributed import DistributedError
+def _model_groups(config: RunConfig, dist_ctx: Any, outcome: RunResult) -> Iterator[list[tuple[ModelChoice, Any]]]:
+    """The run's models, loaded, in groups evaluated together (:mod:`clipbench.shared_decode`):
+    consecutive models with the same preprocessing while the device has room for them; one model
+    per group under ``torchrun`` or without ``config.shared_decode``. A model that cannot be
+    loaded is a failure in ``outcome``. The caller empties each group before taking the next."""
+    from clipbench.shared_decode import device_memory, model_bytes, room_for_another, same_preprocessing
+
+    together = config.shared_decode and not dist_ctx.distributed
+    group: list[tuple[ModelChoice, Any]] = []
+    for index, choice in enumerate(config.models):
+        if group:
+            memory = device_memory(str(group[0][1].device))
+            if memory is None or not room_for_another(*memory, max(model_bytes(m) for _, m in group)):
+                log.info("no room on %s for another model beside %d: evaluating those first",
+                         group[0][1].device, len(group))
+                yield group
+                group = []
+        model = _load_model(choice, config, dist_ctx, outcome)
+        if model is None:
+            continue
+        if group and not same_preprocessing(group[0][1], model):
+            yield group
+            group = []
+        group.append((choice, model))
+        del model  # held by the group alone, which the caller empties
+        if not together:
+            yield group
+            group = []
+            if index < len(config.models) - 1:
+                dist_ctx.next_model()  # serving ranks load the next model with rank 0
+    if group:
+        yield group
+
+
+def _load_model(choice: ModelChoice, config: RunConfig, dist_ctx: Any, outcome: RunResult) -> Any:
+    """``choice`` loaded on this rank's device, or None (a failure in ``outcome``) when it cannot be."""
     from clipbench.models import load_model
 
     attempted = []  # ranks > 0 load only once rank 0 has loaded: a failure then is theirs alone
@@ -343,21 +400,41 @@ def _evaluate_model(choice: ModelChoice, config: RunConfig, selected: list[Datas
             outcome.failures.append(Failure("*", "load", str(exc) or type(exc).__name__, choice.label))
             log.error("%s: could not be loaded: %s", choice.label, exc)
             log.debug("%s: loading failed here", choice.label, exc_info=True)  # -vv
-        return False
+        return None
     dist_ctx.check_same_model(model)
-    evaluator = Evaluator(model, config, encoder=dist_ctx.encode if dist_ctx.distributed else None)
+    return model
+
+
+def _evaluate_group(group: list[tuple[ModelChoice, Any]], config: RunConfig, selected: list[DatasetSpec],
+                    dist_ctx: Any, outcome: RunResult) -> None:
+    """Every applicable task of the loaded models of ``group`` on ``selected`` into ``outcome``,
+    dataset by dataset, the models in order within each (other ranks: serve rank 0's requests)."""
+    from clipbench.distributed import DistributedError
+    from clipbench.shared_decode import SharedDecoder
+
+    evaluators = [Evaluator(model, config, encoder=dist_ctx.encode if dist_ctx.distributed else None)
+                  for _, model in group]
     if not dist_ctx.is_main:
-        dist_ctx.serve(model, evaluator.load_samples)
-        return True
+        dist_ctx.serve(group[0][1], evaluators[0].load_samples)
+        return
+    shared = SharedDecoder([model for _, model in group], evaluators[0].cache) if len(group) > 1 else None
+    for index, evaluator in enumerate(evaluators):
+        if shared is not None:
+            evaluator.encoder = shared.encoder(index)
     for spec in selected:
-        evaluator.start_dataset(spec)
-        for task in evaluator.tasks_for(spec):
-            try:
-                outcome.records.append(evaluator.run_task(spec, task))
-            except DistributedError:
-                raise
-            except (ClipbenchError, ValueError, TypeError) as exc:
-                outcome.failures.append(Failure(spec.name, task.name, str(exc), choice.label))
-                log.error("%s/%s: %s", spec.name, task.name, exc)
-                log.debug("%s/%s failed here", spec.name, task.name, exc_info=True)  # -vv
-    return True
+        if shared is not None:
+            shared.start_dataset({index: ev.roles_to_encode(spec) for index, ev in enumerate(evaluators)})
+        for index, ((choice, _), evaluator) in enumerate(zip(group, evaluators)):
+            evaluator.start_dataset(spec)
+            for task in evaluator.tasks_for(spec):
+                try:
+                    outcome.records.append(evaluator.run_task(spec, task))
+                except DistributedError:
+                    raise
+                except (ClipbenchError, ValueError, TypeError) as exc:
+                    outcome.failures.append(Failure(spec.name, task.name, str(exc), choice.label))
+                    log.error("%s/%s: %s", spec.name, task.name, exc)
+                    log.debug("%s/%s failed here", spec.name, task.name, exc_info=True)  # -vv
+            evaluator.end_dataset()
+            if shared is not None:
+                shared.finished(index)

@@ -180,7 +180,7 @@ def test_a_model_that_fails_to_load_is_a_failure_and_models_are_resident_one_at_
     config = RunConfig(models=[ModelChoice(TINY, MISSING), ModelChoice(TINY, "synthetic"), ModelChoice(TINY, "none")],
                        datasets=[str(colours)], tasks=["zeroshot"], output=tmp_path / "out",
                        cache_dir=tmp_path / "cache", device="cpu", precision="fp32", workers=0, batch_size=8,
-                       n_bootstrap=0)
+                       n_bootstrap=0, shared_decode=False)  # kept together otherwise: test_shared_decode.py
     outcome = run(config)
     assert [(r.model, r.pretrained, r.task) for r in outcome.records] == [(TINY, "synthetic", "zeroshot"),
                                                                           (TINY, "none", "zeroshot")]
