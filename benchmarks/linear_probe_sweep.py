@@ -11,7 +11,7 @@ test predictions equal to the first solver's.
     python benchmarks/linear_probe_sweep.py --n 100000 --dim 768 --classes 1000 \\
         --solvers torch --device cuda                                          # ImageNet-like, on a GPU
 
-Solvers: ``sklearn`` (the paper's; ``--n-jobs`` processes for independent sweep points),
+Solvers: ``sklearn`` (the paper's; ``--n-jobs`` threads for independent sweep points),
 ``torch-cpu`` (float64) and ``torch-cuda`` (float32), the latter only where CUDA is available.
 """
 
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--solvers", default="sklearn,torch", help="comma list of sklearn, torch")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="torch solver device(s): auto = cpu, plus cuda when available")
-    parser.add_argument("--n-jobs", type=int, default=None, help="sklearn: joblib processes per sweep batch")
+    parser.add_argument("--n-jobs", type=int, default=None, help="sklearn: threads per sweep batch")
     parser.add_argument("--max-iter", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads (default: torch's)")

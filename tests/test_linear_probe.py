@@ -187,6 +187,42 @@ def test_torch_solver_agrees_with_sklearn() -> None:
     assert abs(math.log10(result.C) - math.log10(reference.C)) <= 0.25
 
 
+def test_torch_solver_reads_memory_mapped_float32_features_in_blocks(tmp_path, monkeypatch) -> None:
+    """Features as clipbench's cache hands them over (float32, memory-mapped) give the torch probe
+    exactly the result of the same features in memory; each split reaches the solver once, copied
+    in blocks of rows."""
+    import torch
+
+    from clipbench.tasks import torch_logreg
+
+    data = [a.astype(np.float32) if a.ndim == 2 else a for a in splits(300, 100, 150, 16, 5, 0.5, seed=2)]
+    mapped = []
+    for i, a in enumerate(data):
+        if a.ndim == 2:
+            np.save(tmp_path / f"x{i}.npy", a)
+            a = np.load(tmp_path / f"x{i}.npy", mmap_mode="r")
+        mapped.append(a)
+    in_memory = linear_probe(*data, "accuracy", solver="torch")
+
+    monkeypatch.setattr(torch_logreg, "BLOCK_ROWS", 7)
+    uploads = []
+    real_to_device = torch_logreg.to_device
+    monkeypatch.setattr(torch_logreg, "to_device", lambda x, *a, **k: uploads.append(len(x)) or real_to_device(x, *a, **k))
+    from_disk = linear_probe(*mapped, "accuracy", solver="torch")
+    assert uploads == [300, 100, 150]  # once per split, not once per fit of the sweep
+    assert from_disk.C == in_memory.C and from_disk.sweep == in_memory.sweep
+    np.testing.assert_array_equal(from_disk.scores, in_memory.scores)
+
+    blocks = []
+    real_from_numpy = torch.from_numpy
+    monkeypatch.setattr(torch, "from_numpy", lambda a: blocks.append(len(a)) or real_from_numpy(a))
+    x = real_to_device(mapped[0], "cpu")
+    assert blocks == [7] * 42 + [6] and x.dtype == torch.float64
+    np.testing.assert_array_equal(x.numpy(), data[0].astype(np.float64))
+    with pytest.raises(ValueError, match="block_rows"):
+        real_to_device(data[0], "cpu", block_rows=0)
+
+
 def test_class_missing_from_training_scores_last() -> None:
     train_x, train_y, val_x, val_y, test_x, test_y = splits(200, 80, 80, 8, 4, 1.0, seed=4)
     keep = train_y != 3

@@ -83,6 +83,36 @@ def _scaled_loss(
     return data + (W * W).sum() / (2.0 * C * X.shape[0])
 
 
+#: rows copied to the device per step by :func:`to_device` (a few hundred MB of float32 at most)
+BLOCK_ROWS = 65_536
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The compute dtype when none is given: float64 on CPU, float32 on accelerators."""
+    return torch.float64 if torch.device(device).type == "cpu" else torch.float32
+
+
+def to_device(X: ArrayLike, device: str | torch.device, dtype: torch.dtype | None = None,
+              block_rows: int | None = None) -> torch.Tensor:
+    """(n, D) features as one tensor on ``device`` in ``dtype`` (default :func:`default_dtype`),
+    copied ``block_rows`` (default :data:`BLOCK_ROWS`) rows at a time: a memory-mapped feature file
+    is read in blocks and never held in host memory as a whole, nor converted there to another dtype."""
+    block_rows = BLOCK_ROWS if block_rows is None else block_rows
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    if isinstance(X, torch.Tensor):
+        return X.to(device, dtype)
+    if X.ndim != 2:
+        raise ValueError(f"features must be an (n, D) array, got shape {X.shape}")
+    out = torch.empty(X.shape, dtype=dtype, device=device)
+    for start in range(0, X.shape[0], block_rows):
+        block = np.ascontiguousarray(X[start:start + block_rows])
+        out[start:start + len(block)] = torch.from_numpy(block).to(device, dtype)
+    return out
+
+
 def fit(
     X: ArrayLike,
     y: ArrayLike,
@@ -118,8 +148,7 @@ def fit(
     if not C > 0:
         raise ValueError(f"C (inverse L2 strength) must be > 0, got {C}.")
     device = torch.device(device)
-    if dtype is None:
-        dtype = torch.float64 if device.type == "cpu" else torch.float32
+    dtype = dtype or default_dtype(device)
     classes, encoded = _encode_labels(y)
     X_t = torch.as_tensor(X, device=device, dtype=dtype)
     if X_t.ndim != 2 or X_t.shape[0] != encoded.shape[0]:
