@@ -14,7 +14,6 @@ comparison says which metric each side used and flags a mismatch (:class:`Compar
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -26,7 +25,6 @@ from clipbench.errors import ClipbenchError
 from clipbench.paths import reference_dir
 from clipbench.reference import OPENAI_ALIASES
 
-log = logging.getLogger(__name__)
 
 OPENCLIP_REPOSITORY = "https://github.com/mlfoundations/open_clip"
 OPENCLIP_COMMIT = "89fb801f1e6087880e951fc8354b8a2077b79c6d"

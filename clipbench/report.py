@@ -566,7 +566,8 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
     paper's models) and the difference to `baseline` (see `resolve_baseline`: a results folder, a
     model label of `df`, or a Table 10 row); few-shot mean ± std per k and
     the crossing with zero-shot; per model with prompt_study records, the spread over templates;
-    retrieval recall@k against Table 13.
+    retrieval recall@k against Table 13; per task, the models open_clip publishes results for beside
+    those (`clipbench.openclip_reference`; one note names the models it does not have).
     """
     ref = load_paper_reference()
     resolved = resolve_baseline(baseline, df, ref, datasets)  # fails early on an unknown baseline
@@ -705,9 +706,10 @@ def write_plots(df: pd.DataFrame, out_dir: Path, baseline: str = DEFAULT_BASELIN
 def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `clipbench report RESULTS_DIR ... [--format] [--out] [--plot] [--baseline]`; handler in `handler`."""
     parser = subparsers.add_parser(
-        "report", help="tables of results against the CLIP paper and a baseline",
+        "report", help="tables of results against the CLIP paper, a baseline and open_clip's published results",
         description="Read result records (clipbench or clip_benchmark JSON) found under RESULTS_DIR and print "
-                    "model x dataset tables beside the CLIP paper's numbers and a Table 10 baseline.")
+                    "model x dataset tables beside the CLIP paper's numbers, a Table 10 baseline and "
+                    "open_clip's published DataComp results.")
     parser.add_argument("results_dirs", nargs="+", type=Path, metavar="RESULTS_DIR")
     parser.add_argument("--format", choices=FORMATS, default="markdown", dest="fmt")
     parser.add_argument("--out", type=Path, default=None, help="write the report to FILE instead of stdout")
