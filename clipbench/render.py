@@ -15,6 +15,8 @@ from clipbench.errors import ClipbenchError
 FORMATS = ("markdown", "csv", "latex", "html")
 #: appended to a value computed with unreadable images skipped (``--on-bad-image skip``)
 SKIPPED_MARK = "†"
+#: appended to a value compared across protocols (e.g. a different metric than the reference's)
+CROSS_PROTOCOL_MARK = "‡"
 
 
 @dataclass
@@ -26,7 +28,9 @@ class ReportTable:
     `ci_low`/`ci_high`/`std` (same shape as `frame`, or None) hold the matching interval bounds and
     standard deviations. Other value columns are rendered as they are (counts, shots per class).
     `marked` (same shape, or None): cells flagged with :data:`SKIPPED_MARK` (a value computed with
-    unreadable images left out; a note says how many).
+    unreadable images left out; a note says how many). `cross_protocol` (same shape, or None): cells
+    flagged with :data:`CROSS_PROTOCOL_MARK` (compared with a reference measured differently; a note
+    says how).
     """
 
     title: str
@@ -38,6 +42,7 @@ class ReportTable:
     ci_high: pd.DataFrame | None = None
     std: pd.DataFrame | None = None
     marked: pd.DataFrame | None = None
+    cross_protocol: pd.DataFrame | None = None
 
 
 def check_format(fmt: str) -> None:
@@ -72,8 +77,11 @@ def _display_rows(table: ReportTable) -> list[list[str]]:
             }
             text = format_cell(record[column], str(record["row"]), column in table.percent_columns,
                                extra.get("ci_low"), extra.get("ci_high"), extra.get("std"))
-            marked = table.marked is not None and column in table.marked.columns and table.marked.at[i, column]
-            cells.append(f"{text} {SKIPPED_MARK}" if text and pd.notna(marked) and bool(marked) else text)
+            for flags, mark in ((table.marked, SKIPPED_MARK), (table.cross_protocol, CROSS_PROTOCOL_MARK)):
+                flagged = flags is not None and column in flags.columns and flags.at[i, column]
+                if text and pd.notna(flagged) and bool(flagged):
+                    text += f" {mark}"
+            cells.append(text)
         rows.append(cells)
     return rows
 

@@ -1,7 +1,9 @@
-"""Tables of clipbench results against the CLIP paper (Radford et al. 2021) and its baselines.
+"""Tables of clipbench results against the CLIP paper (Radford et al. 2021), its baselines and
+open_clip's published DataComp results.
 
 Records read by `clipbench.results.load_records` become model × dataset tables (`report_tables`)
-beside the paper's numbers (`clipbench.reference`), rendered by `clipbench.render` (`build_report`),
+beside the paper's numbers (`clipbench.reference`) and open_clip's (`clipbench.openclip_reference`),
+rendered by `clipbench.render` (`build_report`),
 and figures drawn by `clipbench.plots` (`write_plots`). `register_cli` adds `clipbench report`.
 """
 
@@ -20,6 +22,13 @@ from tabulate import tabulate
 
 from clipbench.errors import ClipbenchError
 from clipbench.metrics import parse_recall_metric
+from clipbench.openclip_reference import (
+    OPENCLIP_PRECISION,
+    OPENCLIP_PROTOCOL,
+    Comparison,
+    OpenClipReference,
+    load_openclip_reference,
+)
 from clipbench.reference import (
     DEFAULT_BASELINE,
     DatasetInfo,
@@ -30,12 +39,26 @@ from clipbench.reference import (
     normalized_name,
     paper_model,
 )
-from clipbench.render import FORMATS, SKIPPED_MARK, ReportTable, check_format, format_cell, render_tables
+from clipbench.render import (
+    CROSS_PROTOCOL_MARK,
+    FORMATS,
+    SKIPPED_MARK,
+    ReportTable,
+    check_format,
+    format_cell,
+    render_tables,
+)
 from clipbench.results import load_records, records_frame, safe_name
 
 log = logging.getLogger(__name__)
 
 CLASSIFICATION_TASKS = ("zeroshot", "linear_probe")
+#: the paper's protocol per task, for the notes of tables beside its numbers
+PAPER_PROTOCOLS = {
+    "zeroshot": "prompt ensembles, the paper's metric per dataset (Table 9)",
+    "linear_probe": "L-BFGS logistic regression on image features (Appendix A.3), the paper's metric per "
+                    "dataset (Table 9)",
+}
 
 
 def task_title(name: str) -> str:
@@ -127,7 +150,8 @@ def _score_table(sub: pd.DataFrame, task: str, infos: Mapping[str, DatasetInfo],
     notes = [f"Primary metric per dataset, percent. {len(names)} datasets."]
     if paper_rows:
         table_name = "Table 11" if task == "zeroshot" else "Table 10"
-        notes.append(f"paper: Radford et al. 2021 (arXiv:2103.00020v1) {table_name}; diff = ours - paper.")
+        notes.append(f"paper: Radford et al. 2021 (arXiv:2103.00020v1) {table_name}, {PAPER_PROTOCOLS[task]}; "
+                     "diff = ours - paper.")
     ci_low = pd.DataFrame(lows, columns=columns).reindex(frame.index)
     ci_high = pd.DataFrame(highs, columns=columns).reindex(frame.index)
     has_ci = ci_low[labels].notna().to_numpy().any()
@@ -405,8 +429,117 @@ def _retrieval_table(df: pd.DataFrame, infos: Mapping[str, DatasetInfo], ref: Pa
         title=task_title("retrieval"), task="retrieval",
         frame=pd.DataFrame(rows, columns=["model", "row", *labels]), percent_columns=labels,
         notes=["recall@k, percent; image_to_text = text retrieval, text_to_image = image retrieval; "
-               "paper: Table 13 (CLIP = ViT-L/14@336px), Flickr30k 1k and MSCOCO 5k test sets."],
+               "paper: Table 13 (CLIP = ViT-L/14@336px), Flickr30k 1k and MSCOCO 5k test sets, "
+               "the paper's zero-shot protocol."],
     )
+
+
+@dataclass(frozen=True)
+class _OpenClipCell:
+    """One record's value beside open_clip's: where it goes and what was compared."""
+
+    task: str
+    dataset: str  # the dataset's label
+    label: str  # the column heading: the dataset's label, with the metric where it has several columns
+    model: str
+    comparison: Comparison
+    skipped: int
+
+
+def _openclip_cells(df: pd.DataFrame, infos: Mapping[str, DatasetInfo],
+                    oc: OpenClipReference) -> tuple[list[_OpenClipCell], dict[str, tuple[str, str]], list[str]]:
+    """Every comparable (model, record, open_clip column), the open_clip row of each matched model
+    label, and the labels of models with records open_clip covers but no published row."""
+    cells, matched, unmatched = [], {}, []
+    for (model, pretrained), group in df[df["k"].isna()].groupby(["model", "pretrained"], sort=True):
+        label = _model_label(model, pretrained)
+        records = [(r, oc.columns_of(r["dataset"], r["task"])) for r in group.to_dict("records")]
+        records = [(r, columns) for r, columns in records if columns]
+        if not records:
+            continue  # nothing open_clip publishes: no reason to mention the model
+        key = oc.row_key(model, pretrained)
+        if key is None:
+            unmatched.append(label)
+            continue
+        matched[label] = key
+        for r, columns in records:
+            name = infos[r["dataset"]].label
+            found = [c for c in (oc.compare(key, column, r["metrics"], r["primary_metric"]) for column in columns)
+                     if c is not None]
+            if any(not c.cross_protocol for c in found):  # a matching metric: no cross-metric stand-in
+                found = [c for c in found if not c.cross_protocol]
+            for comparison in found:
+                heading = name if len(columns) == 1 else f"{name} {comparison.column.metric}"
+                cells.append(_OpenClipCell(r["task"], name, heading, label, comparison, int(r["skipped"] or 0)))
+    return cells, matched, unmatched
+
+
+def _precision_note(df: pd.DataFrame, models: Sequence[str]) -> str:
+    """Which precision each model's records ran at, against open_clip's fp32."""
+    labels = [_model_label(m, p) for m, p in zip(df["model"], df["pretrained"])]
+    by_model = df.assign(label=labels).groupby("label")["precision"].agg(lambda p: sorted(set(p)))
+    parts, differs = [], False
+    for model in models:
+        precisions = [p or "not recorded" for p in by_model.get(model, [""])]
+        parts.append(f"{model} {'/'.join(precisions)}")
+        differs |= precisions != [OPENCLIP_PRECISION]
+    note = f"Precision of ours (records' config.precision): {'; '.join(parts)}."
+    if differs:
+        note += (f" Where it is not {OPENCLIP_PRECISION}, the differences also cross protocols "
+                 f"(open_clip ran at {OPENCLIP_PRECISION}).")
+    return note
+
+
+def _openclip_tables(df: pd.DataFrame, infos: Mapping[str, DatasetInfo], ref: PaperReference,
+                     oc: OpenClipReference) -> tuple[list[ReportTable], list[str]]:
+    """Per task: ours, open_clip's published value and the difference, for each model open_clip
+    published; and the labels of models it did not publish (for one note)."""
+    cells, matched, unmatched = _openclip_cells(df, infos, oc)
+    column_order = {c: i for i, c in enumerate(oc.columns)}
+    dataset_order = {infos[n].label: i for i, n in enumerate(_ordered_datasets(df["dataset"], infos, ref.datasets))}
+    tables = []
+    for task in sorted({c.task for c in cells}, key=lambda t: (t != "zeroshot", t)):
+        mine = sorted((c for c in cells if c.task == task),
+                      key=lambda c: (dataset_order[c.dataset], column_order[c.comparison.column]))
+        labels = list(dict.fromkeys(c.label for c in mine))
+        models = sorted({c.model for c in mine})
+        columns = ["model", "row", *labels]
+        rows, cross, skipped_marks, skipped = [], [], [], {}
+        for model in models:
+            by_label = {c.label: c for c in mine if c.model == model}
+            rows += [{"model": model, "row": "ours", **{k: c.comparison.ours for k, c in by_label.items()}},
+                     {"model": model, "row": "open_clip", **{k: c.comparison.published for k, c in by_label.items()}},
+                     {"model": model, "row": "diff vs open_clip", **{k: c.comparison.diff for k, c in by_label.items()}}]
+            flags = {k: c.comparison.cross_protocol for k, c in by_label.items()}
+            cross += [flags, {}, flags]
+            skipped_marks += [{k: c.skipped > 0 for k, c in by_label.items()}, {}, {}]
+            skipped.update({f"{k}, {model}": c.skipped for k, c in by_label.items()})
+        frame = pd.DataFrame(rows, columns=columns)
+        unnamed = {c.label: c.comparison.column.metric for c in mine if c.label == c.dataset}
+        notes = [f"{OPENCLIP_PROTOCOL}. ours: clipbench's protocol (its templates: the paper's prompt ensembles "
+                 "where the paper has them), the metric named per column. diff = ours - open_clip, percent."]
+        if unnamed:
+            notes.append("Metric per column (DataComp's, by clipbench's name): "
+                         + ", ".join(f"{label} {metric}" for label, metric in unnamed.items()) + ".")
+        renamed = [f"{model} = {key[0]}/{key[1]}" for model, key in matched.items()
+                   if model in models and _model_label(*key) != model]
+        if renamed:
+            notes.append(f"open_clip rows: {', '.join(renamed)}.")
+        crossed = sorted({f"{c.label} (ours {c.comparison.ours_metric}, open_clip {c.comparison.column.metric})"
+                          for c in mine if c.comparison.cross_protocol})
+        if crossed:
+            notes.append(f"{CROSS_PROTOCOL_MARK}: cross-protocol, different metrics: the record lacks open_clip's "
+                         f"metric, so ours is its primary metric: {'; '.join(crossed)}.")
+        notes.append(_precision_note(df[df["task"] == task], models))
+        note = skipped_note(skipped)
+        if note:
+            notes.append(note)
+        tables.append(ReportTable(
+            title=f"{task_title(task)} vs open_clip", task=task, frame=frame, percent_columns=labels, notes=notes,
+            cross_protocol=pd.DataFrame(cross, columns=columns).reindex(frame.index),
+            marked=pd.DataFrame(skipped_marks, columns=columns).reindex(frame.index) if note else None,
+        ))
+    return tables, unmatched
 
 
 def _dataset_infos(names: Iterable[str], datasets: DatasetLookup | None) -> dict[str, DatasetInfo]:
@@ -433,7 +566,8 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
     paper's models) and the difference to `baseline` (see `resolve_baseline`: a results folder, a
     model label of `df`, or a Table 10 row); few-shot mean ± std per k and
     the crossing with zero-shot; per model with prompt_study records, the spread over templates;
-    retrieval recall@k against Table 13.
+    retrieval recall@k against Table 13; per task, the models open_clip publishes results for beside
+    those (`clipbench.openclip_reference`; one note names the models it does not have).
     """
     ref = load_paper_reference()
     resolved = resolve_baseline(baseline, df, ref, datasets)  # fails early on an unknown baseline
@@ -452,6 +586,13 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
     retrieval = _retrieval_table(df, infos, ref)
     if retrieval is not None:
         tables.append(retrieval)
+    openclip, unmatched = _openclip_tables(df, infos, ref, load_openclip_reference())
+    tables.extend(openclip)
+    if unmatched and tables:
+        note = (f"open_clip reference: no published results for {', '.join(unmatched)} "
+                "(reference/openclip_results.csv has none for that model and pretrained tag).")
+        log.info(note)
+        (openclip or tables)[0].notes.append(note)
     return tables
 
 
@@ -565,9 +706,10 @@ def write_plots(df: pd.DataFrame, out_dir: Path, baseline: str = DEFAULT_BASELIN
 def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add `clipbench report RESULTS_DIR ... [--format] [--out] [--plot] [--baseline]`; handler in `handler`."""
     parser = subparsers.add_parser(
-        "report", help="tables of results against the CLIP paper and a baseline",
+        "report", help="tables of results against the CLIP paper, a baseline and open_clip's published results",
         description="Read result records (clipbench or clip_benchmark JSON) found under RESULTS_DIR and print "
-                    "model x dataset tables beside the CLIP paper's numbers and a Table 10 baseline.")
+                    "model x dataset tables beside the CLIP paper's numbers, a Table 10 baseline and "
+                    "open_clip's published DataComp results.")
     parser.add_argument("results_dirs", nargs="+", type=Path, metavar="RESULTS_DIR")
     parser.add_argument("--format", choices=FORMATS, default="markdown", dest="fmt")
     parser.add_argument("--out", type=Path, default=None, help="write the report to FILE instead of stdout")
