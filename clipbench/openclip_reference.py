@@ -25,7 +25,6 @@ from clipbench.errors import ClipbenchError
 from clipbench.paths import reference_dir
 from clipbench.reference import OPENAI_ALIASES
 
-
 OPENCLIP_REPOSITORY = "https://github.com/mlfoundations/open_clip"
 OPENCLIP_COMMIT = "89fb801f1e6087880e951fc8354b8a2077b79c6d"
 #: the mapping of open_clip's columns to clipbench datasets and metrics
