@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binom
 
 from clipbench import metrics
 from clipbench.errors import ClipbenchError
@@ -238,6 +237,8 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
     n = only_a + only_b
     if n == 0:
         return 1.0
+    from scipy.stats import binom  # scipy.stats takes ~1 s to import: not for every `clipbench` start
+
     return float(min(1.0, 2.0 * binom.cdf(min(only_a, only_b), n, 0.5)))
 
 
