@@ -211,7 +211,7 @@ class Evaluator:
             feats, samples = self.split_features(spec, role)
             skipped.update(dict.fromkeys(feats.skipped))  # ordered, each id once
             images[role] = FeatureSplit(feats.projected, feats.pre_projection, feats.targets,
-                                        feats.pre_projection_kind)
+                                        feats.pre_projection_kind, groups=samples.groups)
             feature_seconds += 0.0 if held else feats.seconds  # what this record spent
             test_samples = samples if role == "test" else test_samples
         t1 = time.perf_counter()
