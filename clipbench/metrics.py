@@ -431,8 +431,8 @@ class Metric:
         min_classes: fewest score columns the metric is defined for (5 for top-5 accuracy).
         description: one line for listings and docs.
         grouped: the metric also needs each sample's group label (worst-group accuracy): then
-            ``compute(scores, targets, groups)`` takes (N,) int groups as a third argument, the
-            data gives them (a spec's ``source.group_column``), and the bootstrap recomputes it.
+            ``compute`` and ``resampled`` take (N,) int groups as a third argument; the data gives
+            them (a spec's ``source.group_column``).
     """
 
     name: str
@@ -494,9 +494,6 @@ def register_metric(metric: Metric) -> Metric:
         )
     if not isinstance(metric.min_classes, int) or metric.min_classes < 1:
         raise ValueError(f"metric {metric.name!r}: min_classes must be an integer >= 1, got {metric.min_classes!r}.")
-    if metric.grouped and metric.resampled is not None:
-        raise ValueError(f"metric {metric.name!r}: a grouped metric has no resampled form (the bootstrap "
-                         "recomputes it with the resampled groups); pass resampled=None.")
     _REGISTRY[metric.name] = metric
     return metric
 
@@ -680,18 +677,54 @@ register_metric(Metric(
     description="mean of top-1 and top-5 accuracy (the paper's Kinetics700 metric)",
 ))
 
+def _resampled_macro_f1(scores: np.ndarray, targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """From per-resample class supports, prediction counts and hits."""
+    predictions = np.argmax(scores, axis=1)
+    correct = (predictions == targets).astype(np.float64)
+    num_classes = scores.shape[1]
+
+    def f1(idx: np.ndarray) -> np.ndarray:
+        support = _row_bincount(targets[idx], num_classes)
+        predicted = _row_bincount(predictions[idx], num_classes)
+        hits = _row_bincount(targets[idx], num_classes, correct[idx])
+        present = support > 0
+        terms = np.divide(2.0 * hits, predicted + support, out=np.zeros_like(hits), where=present)
+        return terms.sum(axis=1) / present.sum(axis=1)
+
+    return f1
+
+
+def _resampled_worst_group(k: int) -> Callable[..., Callable[[np.ndarray], np.ndarray]]:
+    """Resampled worst-group top-k accuracy, from per-resample group counts and hits."""
+
+    def form(scores: np.ndarray, targets: np.ndarray, groups: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        hit = (_target_ranks(scores, targets) < k).astype(np.float64)
+        labels, group_index = np.unique(groups, return_inverse=True)
+        group_index = group_index.ravel()
+
+        def worst(idx: np.ndarray) -> np.ndarray:
+            counts = _row_bincount(group_index[idx], labels.size)
+            hits = _row_bincount(group_index[idx], labels.size, hit[idx])
+            accuracy = np.divide(hits, counts, out=np.full_like(hits, np.inf), where=counts > 0)
+            return accuracy.min(axis=1)  # a resample holds at least one group
+
+        return worst
+
+    return form
+
+
 register_metric(Metric(
     name="macro_f1",
     kind="single_label",
     compute=macro_f1,
-    resampled=None,
+    resampled=_resampled_macro_f1,
     description="mean F1 over the classes present in the test labels (DataComp's iWildCam F1-macro_all)",
 ))
 register_metric(Metric(
     name="worst_group_accuracy",
     kind="single_label",
     compute=worst_group_accuracy,
-    resampled=None,
+    resampled=_resampled_worst_group(1),
     grouped=True,
     description="lowest top-1 accuracy over the sample groups (DataComp: GeoDE acc_wg, FMoW acc_worst_region)",
 ))
@@ -699,7 +732,7 @@ register_metric(Metric(
     name="worst_group_top5_accuracy",
     kind="single_label",
     compute=functools.partial(worst_group_accuracy, k=5),
-    resampled=None,
+    resampled=_resampled_worst_group(5),
     min_classes=5,
     grouped=True,
     description="lowest top-5 accuracy over the sample groups (DataComp: Dollar Street acc_top5_wg)",
@@ -806,7 +839,7 @@ def _resampled_metric(name: str, scores: np.ndarray, targets: np.ndarray,
     metric = get_metric(name)
     if metric.resampled is None:
         return _recomputed(metric, scores, targets, groups)
-    return metric.resampled(scores, targets)
+    return metric.resampled(scores, targets, *((groups,) if metric.grouped else ()))
 
 
 def bootstrap_distribution(
