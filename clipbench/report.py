@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 from tabulate import tabulate
 
+from clipbench.datacomp import datacomp_table
 from clipbench.errors import ClipbenchError
 from clipbench.metrics import parse_recall_metric
 from clipbench.reference import (
@@ -433,7 +434,8 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
     paper's models) and the difference to `baseline` (see `resolve_baseline`: a results folder, a
     model label of `df`, or a Table 10 row); few-shot mean ± std per k and
     the crossing with zero-shot; per model with prompt_study records, the spread over templates;
-    retrieval recall@k against Table 13.
+    retrieval recall@k against Table 13; DataComp's average and group means of the records made
+    under ``--protocol datacomp`` (:func:`clipbench.datacomp.datacomp_table`).
     """
     ref = load_paper_reference()
     resolved = resolve_baseline(baseline, df, ref, datasets)  # fails early on an unknown baseline
@@ -452,6 +454,9 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
     retrieval = _retrieval_table(df, infos, ref)
     if retrieval is not None:
         tables.append(retrieval)
+    datacomp = datacomp_table(df)
+    if datacomp is not None:
+        tables.append(datacomp)
     return tables
 
 
