@@ -37,7 +37,7 @@ def _add_common_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from clipbench.config import BAD_IMAGE_POLICIES, DEVICES, PRECISIONS, PROBE_FEATURES, PROTOCOLS, PROBE_SOLVERS, RunConfig
+    from clipbench.config import BAD_IMAGE_POLICIES, DEVICES, PRECISIONS, PROBE_FEATURES, PROBE_SOLVERS, PROTOCOLS, RunConfig
     from clipbench.tasks import task_names
 
     default = RunConfig.default
