@@ -677,6 +677,7 @@ register_metric(Metric(
     description="mean of top-1 and top-5 accuracy (the paper's Kinetics700 metric)",
 ))
 
+
 def _resampled_macro_f1(scores: np.ndarray, targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """From per-resample class supports, prediction counts and hits."""
     predictions = np.argmax(scores, axis=1)

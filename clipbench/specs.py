@@ -449,6 +449,10 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
     splits, val_fraction, subsample = _validate_splits(raw, tasks, errors)
     classnames, templates, class_subset = _validate_classes(raw, tasks, num_classes, file, errors)
     protocols = _validate_protocols(raw, file, errors)
+    if (source is not None and isinstance(metric, str) and metric in metric_names()
+            and get_metric(metric).grouped and getattr(source.options, "group_column", None) is None):
+        errors.add("source.group_column", f"the metadata member holding each sample's group (primary metric "
+                   f"{metric} compares groups of samples), e.g. npy with group_index 0", None)
     errors.raise_if_any()
     assert source is not None
     return DatasetSpec(

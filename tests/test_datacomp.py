@@ -131,6 +131,9 @@ def test_group_column_reads_the_npy_metadata_entry(tmp_path):
     bad = parse_spec({**spec.raw, "source": {**spec.raw["source"], "group_index": 5}}, spec.file)
     with pytest.raises(ClipbenchError, match="no entry 5"):
         load_split(bad, "test", tmp_path, tmp_path / "cache", allow_download=False)
+    ungrouped = {**spec.raw, "source": {k: v for k, v in spec.raw["source"].items() if not k.startswith("group")}}
+    with pytest.raises(ClipbenchError, match="source.group_column"):
+        parse_spec(ungrouped, spec.file)
 
 
 def test_datacomp_protocol_run_scores_worst_group_in_fp32(tmp_path):
