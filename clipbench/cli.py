@@ -37,7 +37,7 @@ def _add_common_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from clipbench.config import BAD_IMAGE_POLICIES, DEVICES, PRECISIONS, PROBE_FEATURES, PROBE_SOLVERS, RunConfig
+    from clipbench.config import BAD_IMAGE_POLICIES, DEVICES, PRECISIONS, PROBE_FEATURES, PROBE_SOLVERS, PROTOCOLS, RunConfig
     from clipbench.tasks import task_names
 
     default = RunConfig.default
@@ -76,7 +76,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=default("batch_size"))
     run.add_argument("--workers", type=int, default=default("workers"), help="DataLoader worker processes")
     run.add_argument("--device", choices=DEVICES, default=default("device"))
-    run.add_argument("--precision", choices=PRECISIONS, default=default("precision"))
+    run.add_argument("--precision", choices=PRECISIONS, default=default("precision"),
+                     help="default: the protocol's (paper: amp, datacomp: fp32)")
+    run.add_argument("--protocol", choices=list(PROTOCOLS), default=default("protocol"),
+                     help="paper: the CLIP paper's protocol; datacomp: DataComp's 38-task evaluation "
+                          "(fp32 without autocast, its data copies, prompts and main metrics)")
     run.add_argument("--seed", type=int, default=default("seed"))
     run.add_argument("--force", action="store_true",
                      help="recompute records that exist with the same settings (records made under "
@@ -161,7 +165,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
         model=model, pretrained=pretrained, models=models, datasets=args.datasets, tasks=tasks,
         data_root=args.data_root, output=args.output, cache_dir=args.cache_dir, batch_size=args.batch_size,
-        workers=args.workers, device=args.device, precision=args.precision, seed=args.seed,
+        workers=args.workers, device=args.device, precision=args.precision, protocol=args.protocol, seed=args.seed,
         force=args.force, allow_download=not args.no_download, probe_solver=args.probe_solver,
         probe_features=args.probe_features, probe_jobs=args.probe_jobs,
         few_shot_k=args.few_shot or RunConfig.default("few_shot_k"),

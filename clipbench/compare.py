@@ -131,6 +131,9 @@ def paired_samples(a: SampleOutputs, b: SampleOutputs, metric: str) -> PairedSam
         raise ValueError(f"per-sample outputs of kinds {a.kind!r} and {b.kind!r} cannot be paired")
     if a.kind == "retrieval":
         return _retrieval_pair(a, b, metric)
+    if metric in metrics.metric_names() and metrics.get_metric(metric).grouped:
+        raise ValueError(f"{metric!r} depends on sample groups; paired comparison does not resample "
+                         "groups yet: compare another metric (e.g. accuracy)")
     targets = a.arrays["targets"].astype(np.int64)
     if metric in RANK_METRICS and ("target_rank" in a.arrays or "top_classes" in a.arrays):
         def units(outputs: SampleOutputs) -> dict[str, np.ndarray]:

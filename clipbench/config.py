@@ -31,6 +31,31 @@ BAD_IMAGE_POLICIES = ("fail", "skip")
 
 
 @dataclass(frozen=True)
+class EvalProtocol:
+    """What an evaluation protocol (``--protocol``) sets. ``precision``: what the model runs at
+    unless ``--precision`` says otherwise (and, with ``fixed_precision``, the only one allowed);
+    the protocol's data, prompts and metrics are the ``protocols.<name>`` blocks of the dataset
+    specs (:meth:`clipbench.specs.DatasetSpec.for_protocol`)."""
+
+    name: str
+    precision: str
+    fixed_precision: bool
+    description: str
+
+
+#: --protocol choices; ``paper`` is the default and changes nothing.
+PROTOCOLS = {
+    "paper": EvalProtocol("paper", "amp", False,
+                          "the CLIP paper's: each spec's own data, prompt ensembles and metrics"),
+    # eval_utils/wds_eval.py: model.half() commented out, run_classification(..., amp=False)
+    "datacomp": EvalProtocol("datacomp", "fp32", True,
+                             "DataComp's 38-task evaluation (mlfoundations/datacomp eval_utils): fp32 "
+                             "without autocast, its copies of the data with their class names and "
+                             "templates, test splits only, its main metric per task"),
+}
+
+
+@dataclass(frozen=True)
 class ModelChoice:
     """One model of a run: a name as ``--model`` takes it and its pretrained choice (None: the
     backend's default)."""
@@ -112,8 +137,12 @@ class RunConfig:
     text_batch_size: int | None = None
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     device: str = "auto"
-    #: requested precision; records state what the loaded model actually ran at
-    precision: str = "amp"
+    #: requested precision (None: the protocol's, ``amp`` for the paper's); records state what
+    #: the loaded model actually ran at
+    precision: str | None = None
+    #: evaluation protocol (:data:`PROTOCOLS`): ``paper``, or ``datacomp`` (fp32, DataComp's data,
+    #: prompts and metrics where a spec has a ``protocols.datacomp`` block)
+    protocol: str = "paper"
     seed: int = 0
     force: bool = False
     allow_download: bool = True
@@ -174,6 +203,8 @@ class RunConfig:
             data_root=data_root.expanduser(),
             cache_dir=cache,
             output=Path(self.output).expanduser(),
+            # an unknown protocol is refused by validate(); resolving it keeps the paper's precision
+            precision=self.precision or PROTOCOLS.get(self.protocol, PROTOCOLS["paper"]).precision,
         )
 
     def validate(self) -> None:
@@ -201,7 +232,9 @@ class RunConfig:
              "shots per class >= 1, e.g. 1,2,4,8,16"),
             ("--recall-k", self.recall_k, bool(self.recall_k) and min(self.recall_k) >= 1,
              "k values >= 1, e.g. 1,5,10"),
-            ("--precision", self.precision, self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            ("--precision", self.precision, self.precision is None or self.precision in PRECISIONS,
+             f"one of {', '.join(PRECISIONS)}"),
+            ("--protocol", self.protocol, self.protocol in PROTOCOLS, f"one of {', '.join(PROTOCOLS)}"),
             ("--probe-solver", self.probe_solver, self.probe_solver in PROBE_SOLVERS,
              f"one of {', '.join(PROBE_SOLVERS)}"),
             ("--probe-features", self.probe_features, self.probe_features in PROBE_FEATURES,
@@ -217,6 +250,11 @@ class RunConfig:
             checks.append(("text_batch_size", self.text_batch_size, self.text_batch_size >= 1, "an integer >= 1"))
         problems += [f"{flag} {value!r} is invalid: expected {expected}" for flag, value, ok, expected in checks
                      if not ok]
+        protocol = PROTOCOLS.get(self.protocol)
+        if protocol is not None and protocol.fixed_precision and self.precision not in (None, protocol.precision):
+            problems.append(f"--precision {self.precision} contradicts --protocol {protocol.name}, which "
+                            f"evaluates at {protocol.precision} ({protocol.description}); drop --precision "
+                            f"or pass --precision {protocol.precision}")
         if self.models is not None:
             labels = [choice.label for choice in self.models]
             if not labels:

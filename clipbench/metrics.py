@@ -30,7 +30,7 @@ import difflib
 import functools
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -335,6 +335,73 @@ def roc_auc(scores: np.ndarray, targets: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------------------------
+# DataComp's WILDS and fairness metrics (mlfoundations/datacomp eval_utils/wilds_eval.py and
+# fairness_eval.py): macro-F1 and the accuracy of the worst group of samples
+
+
+def macro_f1(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean F1 of the argmax prediction over the classes present in ``targets``.
+
+    Equals ``sklearn.metrics.f1_score(targets, scores.argmax(1), average="macro",
+    labels=np.unique(targets))``, which is what WILDS' ``F1(average="macro")`` computes and DataComp
+    reports for iWildCam as ``F1-macro_all``: a class predicted but absent from the test labels
+    adds no F1 term of its own, but its wrong predictions still lower the recall of the true classes.
+
+    Args:
+        scores: (N, C) float.
+        targets: (N,) int in [0, C).
+    """
+    scores, targets = _check_single_label(scores, targets)
+    predictions = np.argmax(scores, axis=1)
+    num_classes = scores.shape[1]
+    support = np.bincount(targets, minlength=num_classes)
+    predicted = np.bincount(predictions, minlength=num_classes)
+    hits = np.bincount(targets[predictions == targets], minlength=num_classes)
+    present = support > 0
+    # F1 = 2 TP / (2 TP + FP + FN) = 2 TP / (predicted + support); support > 0 keeps it defined
+    return float(np.mean(2.0 * hits[present] / (predicted[present] + support[present])))
+
+
+def _check_groups(groups: np.ndarray | None, n: int, name: str) -> np.ndarray:
+    if groups is None:
+        raise ValueError(
+            f"{name} needs each sample's group label; the dataset spec names the metadata column "
+            "that holds it (source.group_column) and the data must provide it."
+        )
+    groups = np.asarray(groups)
+    if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer):
+        raise ValueError(f"{name}: groups must be (N,) = ({n},) integers, got {groups.shape} {groups.dtype}.")
+    return groups.astype(np.int64)
+
+
+def group_topk_accuracy(scores: np.ndarray, targets: np.ndarray, groups: np.ndarray,
+                        k: int = 1) -> dict[int, tuple[float, int]]:
+    """Top-k accuracy of each group present: ``{group: (accuracy, number of samples)}``, by group."""
+    scores, targets = _check_single_label(scores, targets)
+    groups = _check_groups(groups, scores.shape[0], "group accuracy")
+    if not 1 <= k <= scores.shape[1]:
+        raise ValueError(f"top-{k} accuracy needs 1 <= k <= number of classes ({scores.shape[1]}).")
+    hit = _target_ranks(scores, targets) < k
+    labels, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    hits = np.bincount(inverse.ravel(), weights=hit, minlength=labels.size)
+    return {int(g): (float(h / c), int(c)) for g, h, c in zip(labels, hits, counts)}
+
+
+def worst_group_accuracy(scores: np.ndarray, targets: np.ndarray, groups: np.ndarray, k: int = 1) -> float:
+    """The lowest top-k accuracy over the groups that have samples (WILDS' ``worst`` over group
+    accuracies with a count > 0, as DataComp's GeoDE ``acc_wg`` (regions), Dollar Street
+    ``acc_top5_wg`` (k = 5, income groups) and FMoW ``acc_worst_region`` (regions)).
+
+    Args:
+        scores: (N, C) float.
+        targets: (N,) int in [0, C).
+        groups: (N,) int group label of each sample.
+        k: top-k (ties toward the lower class index, as every metric here).
+    """
+    return min(acc for acc, _ in group_topk_accuracy(scores, targets, groups, k).values())
+
+
+# --------------------------------------------------------------------------------------------
 # the metric registry
 
 #: What a metric's inputs are; :func:`compute_metric` validates them per kind (see :class:`Metric`).
@@ -363,14 +430,18 @@ class Metric:
             recomputes ``compute`` on each resample instead (exact, but a Python loop).
         min_classes: fewest score columns the metric is defined for (5 for top-5 accuracy).
         description: one line for listings and docs.
+        grouped: the metric also needs each sample's group label (worst-group accuracy): then
+            ``compute`` and ``resampled`` take (N,) int groups as a third argument; the data gives
+            them (a spec's ``source.group_column``).
     """
 
     name: str
     kind: MetricKind
-    compute: Callable[[np.ndarray, np.ndarray], float]
+    compute: Callable[..., float]
     resampled: ResampledForm | None
     min_classes: int = 1
     description: str = ""
+    grouped: bool = False
 
 
 def binary_scores(scores: np.ndarray, name: str = "a binary metric") -> np.ndarray:
@@ -606,6 +677,68 @@ register_metric(Metric(
     description="mean of top-1 and top-5 accuracy (the paper's Kinetics700 metric)",
 ))
 
+
+def _resampled_macro_f1(scores: np.ndarray, targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """From per-resample class supports, prediction counts and hits."""
+    predictions = np.argmax(scores, axis=1)
+    correct = (predictions == targets).astype(np.float64)
+    num_classes = scores.shape[1]
+
+    def f1(idx: np.ndarray) -> np.ndarray:
+        support = _row_bincount(targets[idx], num_classes)
+        predicted = _row_bincount(predictions[idx], num_classes)
+        hits = _row_bincount(targets[idx], num_classes, correct[idx])
+        present = support > 0
+        terms = np.divide(2.0 * hits, predicted + support, out=np.zeros_like(hits), where=present)
+        return terms.sum(axis=1) / present.sum(axis=1)
+
+    return f1
+
+
+def _resampled_worst_group(k: int) -> Callable[..., Callable[[np.ndarray], np.ndarray]]:
+    """Resampled worst-group top-k accuracy, from per-resample group counts and hits."""
+
+    def form(scores: np.ndarray, targets: np.ndarray, groups: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        hit = (_target_ranks(scores, targets) < k).astype(np.float64)
+        labels, group_index = np.unique(groups, return_inverse=True)
+        group_index = group_index.ravel()
+
+        def worst(idx: np.ndarray) -> np.ndarray:
+            counts = _row_bincount(group_index[idx], labels.size)
+            hits = _row_bincount(group_index[idx], labels.size, hit[idx])
+            accuracy = np.divide(hits, counts, out=np.full_like(hits, np.inf), where=counts > 0)
+            return accuracy.min(axis=1)  # a resample holds at least one group
+
+        return worst
+
+    return form
+
+
+register_metric(Metric(
+    name="macro_f1",
+    kind="single_label",
+    compute=macro_f1,
+    resampled=_resampled_macro_f1,
+    description="mean F1 over the classes present in the test labels (DataComp's iWildCam F1-macro_all)",
+))
+register_metric(Metric(
+    name="worst_group_accuracy",
+    kind="single_label",
+    compute=worst_group_accuracy,
+    resampled=_resampled_worst_group(1),
+    grouped=True,
+    description="lowest top-1 accuracy over the sample groups (DataComp: GeoDE acc_wg, FMoW acc_worst_region)",
+))
+register_metric(Metric(
+    name="worst_group_top5_accuracy",
+    kind="single_label",
+    compute=functools.partial(worst_group_accuracy, k=5),
+    resampled=_resampled_worst_group(5),
+    min_classes=5,
+    grouped=True,
+    description="lowest top-5 accuracy over the sample groups (DataComp: Dollar Street acc_top5_wg)",
+))
+
 #: The built-in classification metrics (see docs/architecture.md); :func:`metric_names` also
 #: lists metrics registered later.
 CLASSIFICATION_METRICS = metric_names()
@@ -620,7 +753,8 @@ def _prepare(metric: Metric, scores: np.ndarray, targets: np.ndarray) -> tuple[n
     return _KIND_INPUTS[metric.kind](metric.name, scores, targets)
 
 
-def compute_metric(name: str, scores: np.ndarray, targets: np.ndarray) -> float:
+def compute_metric(name: str, scores: np.ndarray, targets: np.ndarray,
+                   groups: np.ndarray | None = None) -> float:
     """Compute the registered classification metric ``name`` (see :func:`metric_names`).
 
     Args:
@@ -629,17 +763,22 @@ def compute_metric(name: str, scores: np.ndarray, targets: np.ndarray) -> float:
             class, and (N, 2) scores are reduced to ``scores[:, 1] - scores[:, 0]`` (class 1 is
             positive).
         targets: (N,) int class indices, or (N, C) 0/1 for a multi-label metric (``map_11point``).
+        groups: (N,) int group label of each sample; needed by a grouped metric
+            (``worst_group_accuracy``), ignored by the others.
 
     Raises:
         ValueError: unknown name (with the close names), malformed input, or an undefined metric.
     """
     metric = get_metric(name)
     scores, targets = _prepare(metric, scores, targets)
+    if metric.grouped:
+        return metric.compute(scores, targets, _check_groups(groups, len(targets), name))
     return metric.compute(scores, targets)
 
 
 def classification_metrics(
-    scores: np.ndarray, targets: np.ndarray, primary_metric: str, multilabel: bool = False
+    scores: np.ndarray, targets: np.ndarray, primary_metric: str, multilabel: bool = False,
+    groups: np.ndarray | None = None,
 ) -> dict[str, float]:
     """The metrics recorded for a classification evaluation.
 
@@ -651,6 +790,7 @@ def classification_metrics(
         targets: (N,) int, or (N, C) 0/1 when ``multilabel``.
         primary_metric: the dataset's metric name (docs/architecture.md).
         multilabel: whether ``targets`` is a 0/1 matrix.
+        groups: (N,) int group labels, for a grouped primary metric (worst-group accuracy).
 
     Returns:
         name -> value in [0, 1], never NaN; the primary metric first.
@@ -665,21 +805,24 @@ def classification_metrics(
     names = [primary_metric]
     if not multilabel:
         names += ["accuracy"] + (["top5_accuracy"] if np.shape(scores)[1] > 5 else []) + ["mean_per_class_recall"]
-    return {name: compute_metric(name, scores, targets) for name in dict.fromkeys(names)}
+    return {name: compute_metric(name, scores, targets, groups) for name in dict.fromkeys(names)}
 
 
 # --------------------------------------------------------------------------------------------
 # bootstrap
 
 
-def _recomputed(metric: Metric, scores: np.ndarray, targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """The resampled form of a metric without one: ``compute`` on each resample, NaN where undefined."""
+def _recomputed(metric: Metric, scores: np.ndarray, targets: np.ndarray,
+                groups: np.ndarray | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """The resampled form of a metric without one: ``compute`` on each resample (a grouped metric
+    with the resampled samples' groups), NaN where undefined."""
 
     def statistic(idx: np.ndarray) -> np.ndarray:
         values = np.empty(idx.shape[0])
         for r, rows in enumerate(idx):
+            extra = (groups[rows],) if metric.grouped else ()
             try:
-                values[r] = metric.compute(scores[rows], targets[rows])
+                values[r] = metric.compute(scores[rows], targets[rows], *extra)
             except ValueError:  # undefined on this resample (e.g. a single class)
                 values[r] = np.nan
         return values
@@ -687,7 +830,8 @@ def _recomputed(metric: Metric, scores: np.ndarray, targets: np.ndarray) -> Call
     return statistic
 
 
-def _resampled_metric(name: str, scores: np.ndarray, targets: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+def _resampled_metric(name: str, scores: np.ndarray, targets: np.ndarray,
+                      groups: np.ndarray | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """A function mapping resample indices (R, N) to metric ``name`` on each resample (R,).
 
     ``scores`` and ``targets`` are already validated for the metric's kind. The registered
@@ -695,12 +839,13 @@ def _resampled_metric(name: str, scores: np.ndarray, targets: np.ndarray) -> Cal
     """
     metric = get_metric(name)
     if metric.resampled is None:
-        return _recomputed(metric, scores, targets)
-    return metric.resampled(scores, targets)
+        return _recomputed(metric, scores, targets, groups)
+    return metric.resampled(scores, targets, *((groups,) if metric.grouped else ()))
 
 
 def bootstrap_distribution(
-    scores: np.ndarray, targets: np.ndarray, metric: str, n_resamples: int = 1000, seed: int = 0
+    scores: np.ndarray, targets: np.ndarray, metric: str, n_resamples: int = 1000, seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """Metric ``metric`` on each bootstrap resample (samples drawn with replacement).
 
@@ -709,6 +854,7 @@ def bootstrap_distribution(
         metric: a registered metric name (:func:`metric_names`).
         n_resamples: number of resamples R.
         seed: seed of the resampling (:func:`resample_indices`).
+        groups: (N,) int group labels, for a grouped metric.
 
     Returns:
         (R,) float64; NaN for resamples where the metric is undefined (e.g. ROC AUC of a resample
@@ -721,7 +867,9 @@ def bootstrap_distribution(
     # binary scores are (N,) by now: two classes by construction
     if scores.ndim == 2 and scores.shape[1] < entry.min_classes:
         raise ValueError(f"{metric} needs at least {entry.min_classes} classes, got {scores.shape[1]}.")
-    statistic = _resampled_metric(metric, scores, targets)
+    if entry.grouped:
+        groups = _check_groups(groups, len(targets), metric)
+    statistic = _resampled_metric(metric, scores, targets, groups)
     return np.concatenate([statistic(idx) for idx in resample_indices(scores.shape[0], n_resamples, seed)])
 
 
@@ -745,6 +893,7 @@ def bootstrap_ci(
     n_resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of a classification metric over test samples.
 
@@ -755,12 +904,13 @@ def bootstrap_ci(
             metrics at N = 50,000).
         confidence: coverage in (0, 1), e.g. 0.95 for the 2.5th and 97.5th percentiles.
         seed: makes the interval reproducible.
+        groups: (N,) int group labels, for a grouped metric.
 
     Returns:
         (low, high) fractions in [0, 1]. Resamples where the metric is undefined are skipped.
     """
     _check_confidence(confidence)  # before the resampling, which can take a while
-    statistics = bootstrap_distribution(scores, targets, metric, n_resamples, seed)
+    statistics = bootstrap_distribution(scores, targets, metric, n_resamples, seed, groups)
     defined = statistics[~np.isnan(statistics)]
     if defined.size == 0:
         raise ValueError(
@@ -784,6 +934,7 @@ RETRIEVAL_DIRECTIONS = ("text_to_image", "image_to_text")
 RSUM = "rsum"
 
 _RECALL_METRIC_RE = re.compile(r"(text_to_image|image_to_text)_R@([0-9]+)")
+_MEAN_RECALL_RE = re.compile(r"mean_recall@([0-9]+)")
 
 
 def recall_metric_name(direction: str, k: int) -> str:
@@ -797,10 +948,29 @@ def parse_recall_metric(name: str) -> tuple[str, int] | None:
     return None if match is None else (match.group(1), int(match.group(2)))
 
 
+def mean_recall_metric_name(k: int) -> str:
+    """DataComp's name of the mean of both directions' recall@k, e.g. ``mean_recall@1``."""
+    return f"mean_recall@{k}"
+
+
+def with_mean_recalls(values: dict[str, float], recall_k: Sequence[int]) -> dict[str, float]:
+    """``values`` plus ``mean_recall@k`` = (text_to_image_R@k + image_to_text_R@k) / 2 for each k:
+    DataComp's retrieval metric (eval_utils/retr_eval.py: the mean of clip_benchmark's
+    ``text_retrieval_recall@1`` and ``image_retrieval_recall@1``)."""
+    out = dict(values)
+    for k in recall_k:
+        pair = [values[recall_metric_name(direction, k)] for direction in RETRIEVAL_DIRECTIONS]
+        out[mean_recall_metric_name(k)] = 0.5 * (pair[0] + pair[1])
+    return out
+
+
 def is_retrieval_metric(name: str) -> bool:
-    """Whether ``name`` is a retrieval metric a dataset can be scored by: a recall@k or ``rsum``.
+    """Whether ``name`` is a retrieval metric a dataset can be scored by: a recall@k, a
+    ``mean_recall@k`` or ``rsum``.
 
     The rank statistics ``{direction}_mean_rank`` / ``{direction}_median_rank`` are recorded too,
     but lower is better, so they are not primary metrics and this returns False for them.
     """
+    if isinstance(name, str) and _MEAN_RECALL_RE.fullmatch(name):
+        return True
     return name == RSUM or parse_recall_metric(name) is not None

@@ -137,7 +137,7 @@ class Evaluator:
     def run(self, specs: list[DatasetSpec]) -> list[results.Record]:
         """Every applicable task on every spec; the first failure raises."""
         records: list[results.Record] = []
-        for spec in specs:
+        for spec in (s.for_protocol(self.config.protocol) for s in specs):
             self.start_dataset(spec)
             records.extend(self.run_task(spec, task) for task in self.tasks_for(spec))
         return records
@@ -189,6 +189,9 @@ class Evaluator:
         settings["dataset_spec"] = {"file": str(spec.file), "data_digest": spec.data_digest(),
                                     "eval_digest": spec.eval_digest()}
         settings["metric_version"] = results.METRIC_VERSION
+        if self.config.protocol != RunConfig.default("protocol"):
+            # off the default only, so the digests of records made before --protocol stay valid
+            settings["protocol"] = self.config.protocol
         if self.config.on_bad_image != RunConfig.default("on_bad_image"):
             # skipping changes which samples are scored (and the pixel limit, which are skipped), so
             # such a record is never reused under the other policy; added only off the default so the
@@ -237,7 +240,7 @@ class Evaluator:
             feats, samples = self.split_features(spec, role)
             skipped.update(dict.fromkeys(feats.skipped))  # ordered, each id once
             images[role] = FeatureSplit(feats.projected, feats.pre_projection, feats.targets,
-                                        feats.pre_projection_kind)
+                                        feats.pre_projection_kind, groups=samples.groups)
             feature_seconds += 0.0 if held else feats.seconds  # what this record spent
             test_samples = samples if role == "test" else test_samples
         t1 = time.perf_counter()
@@ -323,7 +326,7 @@ def run(config: RunConfig) -> RunResult:
 
     config.validate()
     config = config.resolved()
-    selected = specs.select(config.datasets)
+    selected = [spec.for_protocol(config.protocol) for spec in specs.select(config.datasets)]
     if not selected:
         raise ClipbenchError(f"No datasets matched {config.datasets}; `clipbench datasets` lists them.")
     for flag, directory in (("--output", config.output), ("--cache-dir", config.cache_dir)):

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pandas as pd
 from tabulate import tabulate
 
+from clipbench.datacomp import datacomp_table
 from clipbench.errors import ClipbenchError
 from clipbench.metrics import parse_recall_metric
 from clipbench.openclip_reference import (
@@ -567,7 +568,9 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
     model label of `df`, or a Table 10 row); few-shot mean ± std per k and
     the crossing with zero-shot; per model with prompt_study records, the spread over templates;
     retrieval recall@k against Table 13; per task, the models open_clip publishes results for beside
-    those (`clipbench.openclip_reference`; one note names the models it does not have).
+    those (`clipbench.openclip_reference`; one note names the models it does not have); DataComp's
+    average and group means of the records made under ``--protocol datacomp``
+    (:func:`clipbench.datacomp.datacomp_table`).
     """
     ref = load_paper_reference()
     resolved = resolve_baseline(baseline, df, ref, datasets)  # fails early on an unknown baseline
@@ -593,6 +596,9 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
                 "(reference/openclip_results.csv has none for that model and pretrained tag).")
         log.info(note)
         (openclip or tables)[0].notes.append(note)
+    datacomp = datacomp_table(df)
+    if datacomp is not None:
+        tables.append(datacomp)
     return tables
 
 

@@ -277,7 +277,7 @@ def package_versions() -> dict[str, str]:
 
 _FRAME_COLUMNS = [
     "model", "pretrained", "dataset", "task", "primary_metric", "value", "ci_low", "ci_high",
-    "n_samples", "k", "std", "metrics", "origin", "source", "skipped", "details", "precision",
+    "n_samples", "k", "std", "metrics", "origin", "source", "skipped", "details", "protocol", "precision",
 ]
 
 
@@ -322,6 +322,8 @@ def records_frame(
             "source": source,
             "skipped": len(record.get("skipped") or ()),  # images left out as unreadable
             "details": dict(record.get("details") or {}),
+            # records say the protocol only off the default (pipeline.Evaluator.record_settings)
+            "protocol": (record.get("config") or {}).get("protocol", "paper"),
             "precision": (record.get("config") or {}).get("precision") or "",  # "" = not recorded
         }
         shots = (record.get("details") or {}).get("k") if record["task"] == "few_shot" else None
@@ -355,7 +357,8 @@ def load_records(paths: Sequence[Path], datasets: DatasetLookup | None = None) -
     primary_metric, value (fraction), ci_low, ci_high, n_samples, k (few-shot shots per class, one row
     per k; <NA> otherwise), std (few-shot std over seeds), metrics (dict), origin, source (file path),
     skipped (how many images the record left out as unreadable), details (dict, the record's),
-    precision (what the model ran at, the record's `config.precision`; "" when not recorded).
+    protocol (``paper`` or ``datacomp``, :data:`clipbench.config.PROTOCOLS`), precision (what the
+    model ran at, the record's `config.precision`; "" when not recorded).
     When two files hold the same model × pretrained × dataset × task, the later path wins (warned).
     """
     records, sources, origins = [], [], []

@@ -8,7 +8,7 @@ summary metrics are recomputed from them exactly (:func:`recompute_metrics`). Co
   toward the lower class index as every metric does; binary metrics (``roc_auc``) add
   ``scores`` (N,) float64, the positive-class score the metric ranks; multi-label (``map_11point``)
   keeps ``targets`` (N, C) uint8 and ``scores`` (N, C) in the dtype the metric saw (exact: a cast
-  could create ties);
+  could create ties); a grouped primary metric (worst-group accuracy) adds ``groups`` (N,) int64;
 * few-shot: ``ks`` (n_k,), ``targets`` and ``target_rank`` (n_k, n_seeds, N) uint8, the 0-based
   rank of the target class clipped at 5 (5 = not in the top 5), or ``scores`` (n_k, n_seeds, N)
   float64 for a binary metric;
@@ -109,13 +109,14 @@ def _label_dtype(num_classes: int) -> type:
 
 
 def classification_outputs(scores: np.ndarray, targets: np.ndarray, primary_metric: str,
-                           multilabel: bool = False) -> PerSample:
+                           multilabel: bool = False, groups: np.ndarray | None = None) -> PerSample:
     """The per-sample arrays of a zero-shot or linear-probe record (module docstring).
 
     Args:
         scores: (N, C) test scores the record's metrics were computed from.
         targets: (N,) int class indices, or (N, C) 0/1 when ``multilabel``.
         primary_metric: the record's primary metric.
+        groups: (N,) int group labels; kept (``groups``) when the primary metric is grouped.
 
     Returns:
         :class:`PerSample` of kind ``single_label``, ``binary`` or ``multilabel``.
@@ -130,6 +131,8 @@ def classification_outputs(scores: np.ndarray, targets: np.ndarray, primary_metr
         out["scores"] = metrics.binary_scores(scores)
     elif primary_metric not in RANK_METRICS:
         out["scores"] = scores  # a plugin metric: only the scores themselves are sure to suffice
+    if metrics.get_metric(primary_metric).grouped and groups is not None:
+        out["groups"] = np.asarray(groups, dtype=np.int64)
     return PerSample(kind, out, meta)
 
 
@@ -252,7 +255,7 @@ def _classification_metric(name: str, outputs: SampleOutputs, group: int | None 
         return rank_metric(name, ranks, targets, meta["n_classes"])
     if name in RANK_METRICS and "top_classes" in arrays:
         return rank_metric(name, target_ranks(outputs)[0], targets, meta["n_classes"])
-    return metrics.compute_metric(name, arrays["scores"], arrays["targets"])
+    return metrics.compute_metric(name, arrays["scores"], arrays["targets"], arrays.get("groups"))
 
 
 def recompute_metrics(outputs: SampleOutputs) -> dict[str, float]:
@@ -260,8 +263,9 @@ def recompute_metrics(outputs: SampleOutputs) -> dict[str, float]:
     meta, arrays = outputs.meta, outputs.arrays
     primary = meta["primary_metric"]
     if outputs.kind == "retrieval":
-        return retrieval_metrics_from_ranks(arrays["text_to_image_rank"], arrays["image_to_text_rank"],
-                                            meta["recall_k"])
+        return metrics.with_mean_recalls(
+            retrieval_metrics_from_ranks(arrays["text_to_image_rank"], arrays["image_to_text_rank"],
+                                         meta["recall_k"]), meta["recall_k"])
     if outputs.kind == "few_shot":
         out = {}
         for i, k in enumerate(arrays["ks"]):

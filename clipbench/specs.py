@@ -32,8 +32,10 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _TOP_FIELDS = {
     "name", "title", "tasks", "primary_metric", "num_classes", "multilabel", "groups", "paper_name",
     "source", "splits", "val_fraction", "classnames", "templates", "templates_origin",
-    "class_subset", "subsample", "notes",
+    "class_subset", "subsample", "notes", "protocols",
 }
+#: what a ``protocols.<name>`` block may not replace: the identity of the spec
+_PROTOCOL_FIXED = {"name", "protocols"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class DatasetSpec:
     class_subset: tuple[int, ...] | None = None
     subsample: dict[str, int] | None = None
     notes: str | None = None
+    #: protocol name -> the spec fields that protocol replaces (``protocols:`` in the YAML)
+    protocols: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -82,6 +86,17 @@ class DatasetSpec:
     def split(self, role: str) -> Any:
         """The adapter split value for a role (``train``/``val``/``test``), or None."""
         return self.splits.get(role)
+
+    def for_protocol(self, protocol: str) -> "DatasetSpec":
+        """The spec as ``protocol`` evaluates it: its ``protocols.<protocol>`` fields replace the
+        spec's own (DataComp reads its own copy of a dataset, with that copy's class names and
+        templates); the spec itself when it has no such block. The result has no ``protocols``."""
+        override = self.protocols.get(protocol)
+        if override is None:
+            return self
+        merged = {k: v for k, v in self.raw.items() if k != "protocols"}
+        merged.update(override)
+        return parse_spec(merged, self.file)
 
     def data_digest(self) -> str:
         """Digest of every field that changes which images (and labels) a split yields.
@@ -96,7 +111,10 @@ class DatasetSpec:
         """Digest of every spec field that can change a task's numbers, with file references
         resolved to their content (class folders, class subset). Prompts are digested by the
         tasks that use them; title, notes, groups and paper name change no number."""
-        cosmetic = {"title", "notes", "groups", "paper_name", "templates_origin", "classnames", "templates"}
+        # protocols: another protocol's fields change this spec's numbers only once applied
+        # (for_protocol), and then they are part of the applied spec's own fields
+        cosmetic = {"title", "notes", "groups", "paper_name", "templates_origin", "classnames", "templates",
+                    "protocols"}
         payload = {k: v for k, v in self.raw.items() if k not in cosmetic}
         payload.update(source=repr(self.source), class_subset=self.class_subset)
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -430,6 +448,11 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
     source = _validate_source(raw.get("source"), errors)
     splits, val_fraction, subsample = _validate_splits(raw, tasks, errors)
     classnames, templates, class_subset = _validate_classes(raw, tasks, num_classes, file, errors)
+    protocols = _validate_protocols(raw, file, errors)
+    if (source is not None and isinstance(metric, str) and metric in metric_names()
+            and get_metric(metric).grouped and getattr(source.options, "group_column", None) is None):
+        errors.add("source.group_column", f"the metadata member holding each sample's group (primary metric "
+                   f"{metric} compares groups of samples), e.g. npy with group_index 0", None)
     errors.raise_if_any()
     assert source is not None
     return DatasetSpec(
@@ -451,8 +474,39 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
         class_subset=class_subset,
         subsample=dict(subsample) if subsample else None,
         notes=raw.get("notes"),
+        protocols=protocols,
         raw=dict(raw),
     )
+
+
+def _validate_protocols(raw: dict, file: Path, errors: _Errors) -> dict[str, dict[str, Any]]:
+    """``protocols``: protocol name -> spec fields it replaces; each applied spec must validate."""
+    value = raw.get("protocols")
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        errors.add("protocols", "a mapping of protocol name -> mapping of the spec fields it replaces",
+                   value)
+        return {}
+    out = {}
+    for protocol, override in value.items():
+        for key in sorted(set(override) & _PROTOCOL_FIXED):
+            errors.add(f"protocols.{protocol}.{key}", "a spec field a protocol may replace (not name or "
+                       "protocols)", key)
+        for key in sorted(set(override) - _TOP_FIELDS):
+            errors.add(f"protocols.{protocol}.{key}", f"a known spec field{_close_hint(key, sorted(_TOP_FIELDS))}",
+                       key)
+        if set(override) & _PROTOCOL_FIXED or set(override) - _TOP_FIELDS:
+            continue
+        merged = {k: v for k, v in raw.items() if k != "protocols"}
+        merged.update(override)
+        try:
+            parse_spec(merged, file)
+        except ClipbenchError as exc:
+            errors.add(f"protocols.{protocol}", "fields that make a valid spec once applied", str(exc))
+            continue
+        out[str(protocol)] = dict(override)
+    return out
 
 
 def load_spec_file(path: Path) -> DatasetSpec:

@@ -5,7 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score, top_k_accuracy_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score, top_k_accuracy_score
 
 from clipbench import metrics
 
@@ -209,12 +209,18 @@ def test_bad_input_raises_clear_errors(name, scores, targets, error, message):
 # ---------------------------------------------------------------- bootstrap
 
 
-def _naive_bootstrap(scores, targets, metric, n_resamples, seed):
+def _groups(name, n):
+    """Group labels for a grouped metric (three groups of unequal sizes), else None."""
+    return (np.arange(n) * 7 % 5 % 3) if metrics.get_metric(name).grouped else None
+
+
+def _naive_bootstrap(scores, targets, metric, n_resamples, seed, groups=None):
     values = []
     for chunk in metrics.resample_indices(len(targets), n_resamples, seed):
         for idx in chunk:
             try:
-                values.append(metrics.compute_metric(metric, scores[idx], targets[idx]))
+                values.append(metrics.compute_metric(metric, scores[idx], targets[idx],
+                                                     None if groups is None else groups[idx]))
             except ValueError:
                 values.append(np.nan)
     return np.array(values)
@@ -237,11 +243,12 @@ def _problem(rng, metric, n):
 @pytest.mark.parametrize("metric", metrics.CLASSIFICATION_METRICS)
 def test_bootstrap_matches_naive_loop(rng, metric):
     scores, targets = _problem(rng, metric, 60)
-    fast = metrics.bootstrap_distribution(scores, targets, metric, n_resamples=150, seed=3)
-    naive = _naive_bootstrap(scores, targets, metric, 150, 3)
+    groups = _groups(metric, 60)
+    fast = metrics.bootstrap_distribution(scores, targets, metric, n_resamples=150, seed=3, groups=groups)
+    naive = _naive_bootstrap(scores, targets, metric, 150, 3, groups)
     np.testing.assert_allclose(fast, naive, rtol=0, atol=1e-12)
     defined = naive[~np.isnan(naive)]
-    assert metrics.bootstrap_ci(scores, targets, metric, 150, 0.9, seed=3) == pytest.approx(
+    assert metrics.bootstrap_ci(scores, targets, metric, 150, 0.9, seed=3, groups=groups) == pytest.approx(
         tuple(np.quantile(defined, [0.05, 0.95])), abs=1e-12
     )
 
@@ -279,9 +286,22 @@ def _registry_problem(rng, metric, n=120):
     return np.round(rng.normal(size=(n, 8)) + np.eye(8)[targets], 1), targets
 
 
-def _independent(name, scores, targets):
-    """Each built-in metric by sklearn.metrics, or by the literal VOC AP above."""
+def _independent(name, scores, targets, groups=None):
+    """Each built-in metric by sklearn.metrics, or by the literal VOC AP above; worst-group
+    accuracy by a loop over the groups."""
     labels = np.arange(np.shape(scores)[1]) if np.ndim(scores) == 2 else None
+    if name in ("worst_group_accuracy", "worst_group_top5_accuracy"):
+        per_group = []
+        for g in set(groups.tolist()):
+            rows = groups == g
+            if name == "worst_group_accuracy":
+                per_group.append(accuracy_score(targets[rows], np.argmax(scores[rows], axis=1)))
+            else:
+                per_group.append(top_k_accuracy_score(targets[rows], scores[rows], k=5, labels=labels))
+        return min(per_group)
+    if name == "macro_f1":
+        # WILDS' F1(average="macro"): sklearn over the labels present in the targets
+        return f1_score(targets, np.argmax(scores, axis=1), average="macro", labels=np.unique(targets))
     if name == "accuracy":
         # sklearn's accuracy of the argmax (np.argmax breaks ties toward the lower index, as the metric)
         return accuracy_score(targets, np.argmax(scores, axis=1))
@@ -304,11 +324,13 @@ def _independent(name, scores, targets):
 def test_every_registered_metric_equals_an_independent_implementation(rng, name):
     metric = metrics.get_metric(name)
     scores, targets = _registry_problem(rng, metric)
-    if name in ("top5_accuracy", "mean_top1_top5"):
+    if name in ("top5_accuracy", "mean_top1_top5", "worst_group_top5_accuracy"):
         scores = scores + rng.normal(scale=1e-6, size=scores.shape)  # sklearn's top-k tie rule differs
-    expected = _independent(name, scores, targets)
-    assert metric.compute(scores, targets) == pytest.approx(expected, abs=1e-12)
-    assert metrics.compute_metric(name, scores, targets) == pytest.approx(expected, abs=1e-12)
+    groups = _groups(name, len(targets))
+    extra = () if groups is None else (groups,)
+    expected = _independent(name, scores, targets, groups)
+    assert metric.compute(scores, targets, *extra) == pytest.approx(expected, abs=1e-12)
+    assert metrics.compute_metric(name, scores, targets, groups) == pytest.approx(expected, abs=1e-12)
 
 
 @pytest.mark.parametrize("name", metrics.CLASSIFICATION_METRICS)
@@ -318,14 +340,16 @@ def test_resampled_form_equals_compute_on_each_explicit_resample(rng, name):
     # explicit resamples: with repeats, a sample missing, and (for small data) rare classes lost
     idx = np.sort(rng.integers(0, len(targets), size=(25, len(targets))), axis=1)
     idx[0] = np.arange(len(targets))  # the full data
-    resampled = metric.resampled(scores, targets)(idx)
+    groups = _groups(name, len(targets))
+    extra = () if groups is None else (groups,)
+    resampled = metric.resampled(scores, targets, *extra)(idx)
     for r, rows in enumerate(idx):
         try:
-            expected = metric.compute(scores[rows], targets[rows])
+            expected = metric.compute(scores[rows], targets[rows], *(g[rows] for g in extra))
         except ValueError:
             expected = np.nan
         np.testing.assert_allclose(resampled[r], expected, rtol=0, atol=1e-12)
-    assert resampled[0] == metric.compute(scores, targets)
+    assert resampled[0] == metric.compute(scores, targets, *extra)
 
 
 def test_registry_entries_state_kind_and_minimum_classes():
@@ -333,7 +357,11 @@ def test_registry_entries_state_kind_and_minimum_classes():
     assert kinds == {
         "accuracy": "single_label", "top5_accuracy": "single_label", "mean_per_class_recall": "single_label",
         "map_11point": "multilabel", "roc_auc": "binary", "mean_top1_top5": "single_label",
+        "macro_f1": "single_label", "worst_group_accuracy": "single_label",
+        "worst_group_top5_accuracy": "single_label",
     }
+    assert [n for n in metrics.metric_names() if metrics.get_metric(n).grouped] == [
+        "worst_group_accuracy", "worst_group_top5_accuracy"]
     assert metrics.metric_names("multilabel") == ("map_11point",)
     assert {n: metrics.get_metric(n).min_classes for n in ("accuracy", "top5_accuracy", "roc_auc")} == {
         "accuracy": 1, "top5_accuracy": 5, "roc_auc": 2,

@@ -93,7 +93,7 @@ def test_mapping_covers_the_38_tasks_with_datacomps_metrics():
         "Caltech-101": "mean_per_class_recall", "FGVC Aircraft": "mean_per_class_recall",
         "Oxford Flowers-102": "mean_per_class_recall", "Oxford-IIIT Pet": "mean_per_class_recall",
         "Flickr": "mean_recall@1", "MSCOCO": "mean_recall@1", "WinoGAViL": "jaccard_score_10-12",
-        "iWildCam": "macro_f1", "FMoW": "worst_region_accuracy",
+        "iWildCam": "macro_f1", "FMoW": "worst_group_accuracy",
         "Dollar Street": "worst_group_top5_accuracy", "GeoDE": "worst_group_accuracy",
     }
     # Flickr/MSCOCO in the main file are DataComp's mean of both R@1 (retr_eval.py), to 4 decimals

@@ -69,6 +69,12 @@ def test_spec_file_is_complete(spec):
 
 @pytest.mark.parametrize("spec", ZEROSHOT, ids=lambda s: s.name)
 def test_zeroshot_specs_have_prompts_of_the_right_length(spec):
+    if spec.templates is None and spec.classnames is None:
+        # DataComp's WILDS / fairness copies: both come from the webdataset folder, as DataComp reads them
+        assert spec.source.type == "webdataset" and spec.source.path.startswith("djghosh/wds_")
+        assert "classnames.txt" in spec.templates_origin
+        assert "zeroshot_classification_templates.txt" in spec.templates_origin
+        return
     assert spec.templates and all("{c}" in t for t in spec.templates)
     assert len(set(spec.templates)) == len(spec.templates)
     assert spec.templates_origin

@@ -25,6 +25,8 @@ class Samples:
       - ``targets``: ``(N,)`` int64 class indices, or ``(N, C)`` uint8 for multi-label data;
       - ``captions``: ``N`` lists of caption strings (retrieval); the target of item i is i.
     ``load_image(i)`` returns the i-th image; it must be picklable for DataLoader workers.
+    ``groups``: ``(N,)`` int64 group label of each sample (a metadata column the spec names,
+    ``source.group_column``: region, income group), or None; worst-group metrics read it.
     ``ids`` are stable per-sample identifiers (file names, row ids) used in sidecars and digests.
     ``fingerprint()`` is a digest of the stored bytes behind the split (see :class:`FileStats`),
     set by the storage format; it is computed on first use and shared by subsets.
@@ -37,6 +39,7 @@ class Samples:
     ids: Sequence[str] | None = None
     description: str = ""
     fingerprint: Callable[[], str] | None = None
+    groups: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.size
@@ -63,6 +66,7 @@ class Samples:
             ids=[self.ids[i] for i in indices] if self.ids is not None else None,
             description=description or self.description,
             fingerprint=self.fingerprint,
+            groups=self.groups[indices] if self.groups is not None else None,
         )
 
     def content_digest(self) -> str:
@@ -81,6 +85,8 @@ class Samples:
             h.update(np.ascontiguousarray(self.targets).tobytes())
         if self.captions is not None:
             h.update("\x1f".join("\x1e".join(c) for c in self.captions).encode())
+        if self.groups is not None:  # only then: the digests of ungrouped splits are unchanged
+            h.update(b"groups" + np.ascontiguousarray(self.groups, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
 

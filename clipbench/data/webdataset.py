@@ -43,6 +43,13 @@ INDEX_DIR = "webdataset-index"  # under the cache dir
 class WebDatasetOptions:
     label_column: str = "cls"    # the shard member holding the class index
     caption_column: str = "txt"  # retrieval: the shard member holding the captions, one per line
+    #: the shard member holding each sample's group label (worst-group metrics): an integer text
+    #: member, a JSON list, or a ``.npy`` array of metadata fields (DataComp's WILDS and fairness
+    #: shards: ``npy``); None: no groups
+    group_column: str | None = None
+    #: which entry of a vector-valued group member is the group (DataComp's FMoW ``npy`` holds
+    #: [region, year, y]: 0 is the region); None: the member holds one value
+    group_index: int | None = None
 
 
 @register_format
@@ -73,7 +80,8 @@ class WebDatasetFormat(SourceFormat):
                                multilabel=spec.multilabel,
                                label_column=None if spec.is_retrieval else options.label_column,
                                caption_column=options.caption_column if spec.is_retrieval else None,
-                               index_dir=cache_dir / INDEX_DIR)
+                               index_dir=cache_dir / INDEX_DIR, group_column=options.group_column,
+                               group_index=options.group_index)
 
     def prompts(self, spec: "DatasetSpec", data_root: Path) -> Prompts:
         root = self.locate(spec, data_root)
@@ -89,10 +97,12 @@ def shard_files(root: Path, split: str) -> list[Path]:
 
 def load_webdataset(root: Path, split: str, *, num_classes: int | None, multilabel: bool,
                     label_column: str | None, caption_column: str | None,
-                    index_dir: Path | None = None) -> Samples:
+                    index_dir: Path | None = None, group_column: str | None = None,
+                    group_index: int | None = None) -> Samples:
     """The samples of ``<root>/<split>/*.tar``, in shard order (sorted names) then member order, with
     row numbers as ids, as the Hugging Face ``webdataset`` builder lists them. ``index_dir``: where the
-    shard indexes are cached (None: scan every time)."""
+    shard indexes are cached (None: scan every time). ``group_column`` / ``group_index``: the member
+    (and entry) holding each sample's group label (:class:`WebDatasetOptions`)."""
     shards = shard_files(root, split)
     if not shards:
         raise ClipbenchError(f"No webdataset shards ({root / split}/*.tar) found.")
@@ -101,7 +111,7 @@ def load_webdataset(root: Path, split: str, *, num_classes: int | None, multilab
         raise ClipbenchError(f"webdataset {root / split}: set source.label_column (or caption_column) in the spec.")
     if multilabel and num_classes is None and not caption_column:
         raise ClipbenchError(f"webdataset {root / split}: a multi-label dataset needs num_classes.")
-    shard_of, offsets, sizes, names, values = [], [], [], [], []
+    shard_of, offsets, sizes, names, values, groups = [], [], [], [], [], []
     for number, shard in enumerate(shards):
         for sample in index_shard(shard, index_dir):
             image = next((f for f in _IMAGE_FIELDS if f in sample.members), None)
@@ -118,10 +128,13 @@ def load_webdataset(root: Path, split: str, *, num_classes: int | None, multilab
             sizes.append(size)
             names.append(f"{sample.key}.{image}")
             values.append(value)
+            if group_column:
+                groups.append(_group_value(shard, sample, group_column, group_index))
     loader = ShardImageLoader([str(s) for s in shards], shard_of, offsets, sizes, names)
     n = len(names)
     common = dict(ids=[str(i) for i in range(n)], description=f"webdataset {root / split}",
-                  fingerprint=FileStats(shards, relative_to=root))
+                  fingerprint=FileStats(shards, relative_to=root),
+                  groups=np.asarray(groups, dtype=np.int64) if group_column else None)
     if caption_column:
         # clip_benchmark's mirrors store an image's captions in one text member, one per line
         captions = [[v for v in str(value).split("\n") if v.strip()] for value in values]
@@ -161,6 +174,36 @@ def _member_value(shard: Path, sample: ShardSample, field: str) -> Any:
         raise _bad_sample(shard, sample.key, f"has '{field}' = {text[:40]!r}, not "
                                              f"{'an integer' if kind in _INT_FIELDS else 'JSON'}") from None
     return text
+
+
+def _group_value(shard: Path, sample: ShardSample, column: str, index: int | None) -> int:
+    """The integer group label of a sample: entry ``index`` of its ``column`` member (a ``.npy``
+    array, read from the shard, or a JSON list), or the member itself when ``index`` is None."""
+    if column in sample.text:
+        value: Any = _member_value(shard, sample, column)
+    elif column not in sample.members:
+        raise _bad_sample(shard, sample.key, f"has no '{column}' member for its group (it has "
+                                              f"{sorted(sample.members)}); fix source.group_column in the spec")
+    elif column.rsplit(".", 1)[-1].lower() == "npy":
+        offset, size = sample.members[column]
+        with open(shard, "rb") as f:
+            f.seek(offset)
+            value = np.load(io.BytesIO(f.read(size)), allow_pickle=False).ravel().tolist()
+    else:
+        raise _bad_sample(shard, sample.key, f"has a group member '{column}' that is neither text nor .npy")
+    if index is not None:
+        if not isinstance(value, list) or not -len(value) <= index < len(value):
+            raise _bad_sample(shard, sample.key, f"has group member '{column}' = {str(value)[:60]}, which "
+                                                  f"has no entry {index} (source.group_index)")
+        value = value[index]
+    elif isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # npy metadata arrays of floats hold integer codes
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _bad_sample(shard, sample.key, f"has group {str(value)[:60]!r} in '{column}', not an integer "
+                                              "(set source.group_index to pick one entry of a vector)")
+    return value
 
 
 def _is_index(value: Any, num_classes: int | None) -> bool:

@@ -39,12 +39,14 @@ class FeatureSplit:
     pre_projection: (N, P) float32 features before the final projection.
     targets: (N,) int64 or (N, C) uint8 labels; None for retrieval splits.
     pre_projection_kind: what ``pre_projection`` is (``before_projection`` or ``embedding``).
+    groups: (N,) int64 group label of each sample (the spec's ``source.group_column``), or None.
     """
 
     projected: np.ndarray
     pre_projection: np.ndarray
     targets: np.ndarray | None
     pre_projection_kind: str
+    groups: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from clipbench.metrics import (
     parse_recall_metric,
     percentile_interval,
     resample_indices,
+    with_mean_recalls,
 )
 from clipbench.sidecars import retrieval_metrics_from_ranks, retrieval_outputs
 from clipbench.tasks.base import TaskInputs, TaskNeeds, TaskOutput
@@ -380,8 +381,8 @@ class RetrievalTask:
                    "bootstrap_unit": "image (with all its captions)"}
         per_sample = retrieval_outputs(result.text_to_image_ranks, result.image_to_text_ranks, captions.owner,
                                        metric, settings["recall_k"])
-        return TaskOutput(metrics=result.metrics, n_samples=result.n_images,
-                          confidence_intervals=intervals, details=details, per_sample=per_sample)
+        return TaskOutput(metrics=with_mean_recalls(result.metrics, settings["recall_k"]),
+                          n_samples=result.n_images, confidence_intervals=intervals, details=details, per_sample=per_sample)
 
 
 TASK = RetrievalTask()

@@ -162,6 +162,7 @@ def evaluate(
     n_bootstrap: int = 1000,
     seed: int = 0,
     keep_logits: bool = False,
+    groups: np.ndarray | None = None,
 ) -> ZeroShotResult:
     """Score images against zero-shot class weights.
 
@@ -178,16 +179,18 @@ def evaluate(
         n_bootstrap: bootstrap resamples for the primary metric's confidence interval; 0 disables it.
         seed: bootstrap seed.
         keep_logits: return the (N, C') logits in the result.
+        groups: (N,) int group label of each image, for a grouped primary metric
+            (``worst_group_accuracy``).
 
     Returns:
         A :class:`ZeroShotResult`.
     """
     logits = zero_shot_logits(image_features, weights, class_subset)
-    values = metrics.classification_metrics(logits, targets, primary_metric, multilabel)
+    values = metrics.classification_metrics(logits, targets, primary_metric, multilabel, groups)
     intervals = {}
     if n_bootstrap > 0:
         intervals[primary_metric] = metrics.bootstrap_ci(
-            logits, targets, primary_metric, n_resamples=n_bootstrap, seed=seed
+            logits, targets, primary_metric, n_resamples=n_bootstrap, seed=seed, groups=groups
         )
     if multilabel:
         per_class = metrics.per_class_ap(logits, targets)
@@ -221,7 +224,7 @@ class ZeroShotTask:
         result = evaluate(test.projected, weights, test.targets, spec.primary_metric,
                           multilabel=spec.multilabel, class_subset=class_subset_of(spec),
                           n_bootstrap=inputs.settings["n_bootstrap"], seed=inputs.settings["seed"],
-                          keep_logits=True)
+                          keep_logits=True, groups=test.groups)
         details = {"n_classes": spec.num_classes, "n_templates": len(prompts.templates)}
         classnames = prompts.classnames
         if spec.class_subset:
@@ -232,7 +235,7 @@ class ZeroShotTask:
             confidence_intervals=result.confidence_intervals, details=details,
             per_class={"classnames": classnames, "per_class": result.per_class},
             per_sample=sidecars.classification_outputs(result.logits, test.targets, spec.primary_metric,
-                                                       spec.multilabel),
+                                                       spec.multilabel, groups=test.groups),
             config={"templates_origin": prompts.origin},
         )
 
