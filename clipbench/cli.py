@@ -98,6 +98,11 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="bootstrap resamples for the 95%% CI (0: none)")
     run.add_argument("--templates", type=Path, default=None, help="file of prompt templates ({c} placeholder)")
     run.add_argument("--classnames", type=Path, default=None, help="file of class names, one per line")
+    run.add_argument("--language", nargs="+", default=None, metavar="LANG", dest="languages",
+                     help="the languages of the text (captions, class names, templates) to evaluate, e.g. "
+                     "`--language en de zh`: each dataset runs once per language it offers (its spec's "
+                     "`languages:`), records of other languages than a spec's own are named DATASET@LANG; "
+                     "default: each dataset's own language only")
     run.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default=default("on_bad_image"),
                      help="an image that cannot be read: fail its split, naming the files (default: "
                           "%(default)s), or skip those samples (records list them)")
@@ -165,6 +170,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         few_shot_seeds=args.few_shot_seeds, recall_k=args.recall_k, n_bootstrap=args.bootstrap,
         templates_file=args.templates, classnames_file=args.classnames, on_bad_image=args.on_bad_image,
         max_image_pixels=args.max_image_pixels,
+        languages=[t for item in args.languages for t in _csv_list(item)] if args.languages else None,
     )
 
 

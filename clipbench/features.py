@@ -285,7 +285,9 @@ def image_cache_key(model: Any, spec: Any, role: str, samples: Any) -> dict[str,
         "spec": spec.data_digest(),
         "split": role,
         "split_value": spec.split(role),
-        "content": samples.content_digest(),
+        # a spec with several languages keys its images without the captions, which are the
+        # language's: every language shares one encoding of the images
+        "content": samples.content_digest(captions=not getattr(spec, "languages", None)),
     }
 
 

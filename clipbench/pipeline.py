@@ -36,7 +36,27 @@ from clipbench.tasks.zeroshot import build_prompts, has_placeholder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "RunResult", "Failure", "Evaluator", "RunConfig", "prompts_for"]
+__all__ = ["run", "RunResult", "Failure", "Evaluator", "RunConfig", "prompts_for", "language_runs"]
+
+
+def language_runs(spec: DatasetSpec, languages: list[str] | None) -> list[tuple[DatasetSpec, bool]]:
+    """The spec in each requested language it offers, each with whether its text tasks run.
+
+    ``languages`` None: the spec alone, every task. Tasks without text (probes) depend on no
+    language: they run once, on the spec in its own language, which is therefore always first (its
+    text tasks only when its language was requested). A requested language the spec lacks is left
+    out with one warning.
+    """
+    if languages is None or spec.language != spec.base_language:
+        return [(spec, True)]  # no choice, or one made in --datasets (DATASET@LANG)
+    offered = [code for code in languages if code in spec.available_languages]
+    missing = [code for code in languages if code not in offered]
+    if missing:
+        log.warning("%s: no text in %s (it offers %s); its text tasks run in %s only", spec.name,
+                    ", ".join(missing), ", ".join(spec.available_languages), ", ".join(offered) or "no language")
+    runs = [(spec, spec.base_language in offered)]
+    runs += [(spec.for_language(code), True) for code in offered if code != spec.base_language]
+    return runs
 
 
 def prompts_for(spec: DatasetSpec, config: RunConfig, data_root: Path) -> tuple[list[str], list[str], str]:
@@ -110,7 +130,7 @@ class Evaluator:
     def split_features(self, spec: DatasetSpec, role: str) -> tuple[ImageFeatures, Samples]:
         """Features of one split; kept while the dataset's tasks run (the probe and the few-shot
         probe share them) instead of reloading the split and re-reading the cache per task."""
-        key = (spec.name, role)
+        key = (spec.record_name, role)  # a language's own captions: not shared across languages
         if key not in self._current:
             samples = self.load_samples(spec, role)
             feats = image_features(self.model, spec, role, samples, self.cache,
@@ -128,18 +148,23 @@ class Evaluator:
     def _eligible(self, spec: DatasetSpec) -> list[Task]:
         return [task for task in map(get_task, self.config.tasks) if task.spec_task in spec.tasks]
 
-    def tasks_for(self, spec: DatasetSpec) -> list[Task]:
+    def tasks_for(self, spec: DatasetSpec, text: bool = True) -> list[Task]:
         """The requested tasks that apply to ``spec`` and the model, in request order (an
-        image-only model has no text encoder for zero-shot or retrieval)."""
-        supports_text = getattr(self.model, "supports_text", True)
-        return [task for task in self._eligible(spec) if supports_text or not task.needs(spec).text]
+        image-only model has no text encoder for zero-shot or retrieval). ``text`` False leaves the
+        tasks that need text out; a spec in another language than its own has only those
+        (:func:`language_runs`)."""
+        supports_text = getattr(self.model, "supports_text", True) and text
+        other_language = spec.language != spec.base_language
+        return [task for task in self._eligible(spec)
+                if (supports_text or not task.needs(spec).text) and not (other_language and not task.needs(spec).text)]
 
     def run(self, specs: list[DatasetSpec]) -> list[results.Record]:
         """Every applicable task on every spec; the first failure raises."""
         records: list[results.Record] = []
-        for spec in specs:
-            self.start_dataset(spec)
-            records.extend(self.run_task(spec, task) for task in self.tasks_for(spec))
+        for base in specs:
+            for spec, text in language_runs(base, self.config.languages):
+                self.start_dataset(spec)
+                records.extend(self.run_task(spec, task) for task in self.tasks_for(spec, text))
         return records
 
     def start_dataset(self, spec: DatasetSpec) -> None:
@@ -162,6 +187,9 @@ class Evaluator:
         settings["dataset_spec"] = {"file": str(spec.file), "data_digest": spec.data_digest(),
                                     "eval_digest": spec.eval_digest()}
         settings["metric_version"] = results.METRIC_VERSION
+        if spec.language != spec.base_language:
+            # its own record name already; also digested so that a record says what it measured
+            settings["language"] = spec.language
         if self.config.on_bad_image != RunConfig.default("on_bad_image"):
             # skipping changes which samples are scored (and the pixel limit, which are skipped), so
             # such a record is never reused under the other policy; added only off the default so the
@@ -178,13 +206,13 @@ class Evaluator:
         """One record: the stored one when its settings match, else computed and written."""
         settings = self.record_settings(spec, task)
         path = results.record_path(self.config.output, self.model.name, self.model.pretrained,
-                                   spec.name, task.name)
+                                   spec.record_name, task.name)
         existing = results.existing_record(self.config.output, self.model.name, self.model.pretrained,
-                                           spec.name, task.name)
+                                           spec.record_name, task.name)
         old = existing.config.get("settings_digest") if existing is not None else None
         if existing is not None and old == settings["settings_digest"] and not self.config.force:
             log.info("%s/%s: record exists with the same settings, skipped (--force recomputes)",
-                     spec.name, task.name)
+                     spec.record_name, task.name)
             return existing
         start = time.perf_counter()
         record, output, sample_ids = self._compute(spec, task, settings)
@@ -193,12 +221,20 @@ class Evaluator:
             # moved aside only once its replacement exists: a failed task leaves it in place
             kept = results.supersede(path, old or "unknown")
             log.warning("%s/%s: the stored record was computed under other settings (%s); "
-                        "recomputed, the earlier record is kept as %s", spec.name, task.name,
+                        "recomputed, the earlier record is kept as %s", spec.record_name, task.name,
                         results.changed_settings(existing.config, settings), kept.name)
         written = results.write_record(record, self.config.output, output.per_class,
                                        output.per_sample, sample_ids)
         log.info("wrote %s", written)
         return record
+
+    def _language_entry(self, spec: DatasetSpec) -> dict[str, str]:
+        """The record's ``language`` when the run chose languages or the spec is in another than its
+        own (then it is in the settings digest too); left out otherwise, so records of runs without
+        --language are as before."""
+        if self.config.languages is None and spec.language == spec.base_language:
+            return {}
+        return {"language": spec.language}
 
     def _compute(self, spec: DatasetSpec, task: Task, settings: dict[str, Any]):
         needs = task.needs(spec)
@@ -207,7 +243,7 @@ class Evaluator:
         for role in needs.roles:
             if role != "test" and spec.split(role) is None:
                 continue  # e.g. no val split: the task carves one from train
-            held = (spec.name, role) in self._current  # encoded (or read) for an earlier task
+            held = (spec.record_name, role) in self._current  # encoded (or read) for an earlier task
             feats, samples = self.split_features(spec, role)
             skipped.update(dict.fromkeys(feats.skipped))  # ordered, each id once
             images[role] = FeatureSplit(feats.projected, feats.pre_projection, feats.targets,
@@ -241,11 +277,12 @@ class Evaluator:
         seconds["task"] = round(time.perf_counter() - t2, 3)
         log.debug("%s/%s: inputs ready in %.2f s", spec.name, task.name, t2 - t0)
         record = results.Record(
-            model=self.model.name, pretrained=self.model.pretrained, dataset=spec.name, task=task.name,
+            model=self.model.name, pretrained=self.model.pretrained, dataset=spec.record_name, task=task.name,
             split="test", metrics=output.metrics, primary_metric=output.primary_metric or spec.primary_metric,
             n_samples=output.n_samples, skipped=list(skipped),
             confidence_intervals={k: list(v) for k, v in output.confidence_intervals.items()},
-            details=output.details, config={**output.config, **settings, "model": self.model.describe()},
+            details=output.details, config={**output.config, **settings, **self._language_entry(spec),
+                                            "model": self.model.describe()},
             versions=self.versions,
             seconds=seconds,
         )
@@ -349,15 +386,15 @@ def _evaluate_model(choice: ModelChoice, config: RunConfig, selected: list[Datas
     if not dist_ctx.is_main:
         dist_ctx.serve(model, evaluator.load_samples)
         return True
-    for spec in selected:
+    for spec, text in (run for base in selected for run in language_runs(base, evaluator.config.languages)):
         evaluator.start_dataset(spec)
-        for task in evaluator.tasks_for(spec):
+        for task in evaluator.tasks_for(spec, text):
             try:
                 outcome.records.append(evaluator.run_task(spec, task))
             except DistributedError:
                 raise
             except (ClipbenchError, ValueError, TypeError) as exc:
-                outcome.failures.append(Failure(spec.name, task.name, str(exc), choice.label))
-                log.error("%s/%s: %s", spec.name, task.name, exc)
-                log.debug("%s/%s failed here", spec.name, task.name, exc_info=True)  # -vv
+                outcome.failures.append(Failure(spec.record_name, task.name, str(exc), choice.label))
+                log.error("%s/%s: %s", spec.record_name, task.name, exc)
+                log.debug("%s/%s failed here", spec.record_name, task.name, exc_info=True)  # -vv
     return True
