@@ -61,9 +61,10 @@ def language_runs(spec: DatasetSpec, languages: list[str] | None) -> list[tuple[
 
 def prompts_for(spec: DatasetSpec, config: RunConfig, data_root: Path) -> tuple[list[str], list[str], str]:
     """Classnames, templates and where the templates came from (said in the record)."""
-    classnames = list(spec.classnames or ())
-    templates = list(spec.templates or ())
-    origin = spec.templates_origin or "dataset spec"
+    spec_classnames, spec_templates, spec_origin = spec.prompts()  # in the spec's language
+    classnames = list(spec_classnames or ())
+    templates = list(spec_templates or ())
+    origin = spec_origin or "dataset spec"
     if not classnames or not templates:
         data_classes, data_templates, data_origin = source_prompts(spec, data_root)
         classnames = classnames or list(data_classes or ())
@@ -170,8 +171,8 @@ class Evaluator:
     def start_dataset(self, spec: DatasetSpec) -> None:
         """Forget the previous dataset's features (one dataset at a time bounds the memory held)."""
         self._current = {}
-        applicable = self.tasks_for(spec)
-        for task in [t for t in self._eligible(spec) if t not in applicable]:
+        supports_text = getattr(self.model, "supports_text", True)
+        for task in [t for t in self._eligible(spec) if t.needs(spec).text and not supports_text]:
             log.warning("%s/%s: skipped, the task needs text features and %s is an image-only model",
                         spec.name, task.name, self.model.name)
         if not self._eligible(spec):

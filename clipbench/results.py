@@ -277,8 +277,18 @@ def package_versions() -> dict[str, str]:
 
 _FRAME_COLUMNS = [
     "model", "pretrained", "dataset", "task", "primary_metric", "value", "ci_low", "ci_high",
-    "n_samples", "k", "std", "metrics", "origin", "source", "skipped", "details",
+    "n_samples", "k", "std", "metrics", "origin", "source", "skipped", "details", "language",
 ]
+
+
+def record_language(record: Mapping[str, Any]) -> str:
+    """The text language a record states (``config.language``, else the ``@LANG`` of its dataset
+    name); "" when it states none (a run without --language: the dataset's own language)."""
+    stated = (record.get("config") or {}).get("language")
+    if isinstance(stated, str) and stated:
+        return stated
+    _, _, language = str(record.get("dataset", "")).partition("@")
+    return language
 
 
 def _is_clipbench_record(obj: Any) -> bool:
@@ -322,6 +332,7 @@ def records_frame(
             "source": source,
             "skipped": len(record.get("skipped") or ()),  # images left out as unreadable
             "details": dict(record.get("details") or {}),
+            "language": record_language(record),
         }
         shots = (record.get("details") or {}).get("k") if record["task"] == "few_shot" else None
         if shots:

@@ -132,10 +132,15 @@ class DatasetSpec:
         return dataclasses.replace(
             self, language=language, title=title, paper_name=None,  # the paper measured English only
             source=dataclasses.replace(self.source, options=options),
-            classnames=tuple(entry["classnames"]) if "classnames" in entry else self.classnames,
-            templates=tuple(entry["templates"]) if "templates" in entry else self.templates,
-            templates_origin=entry.get("templates_origin", self.templates_origin),
         )
+
+    def prompts(self) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None, str | None]:
+        """(class names, templates, their origin) in this spec's language. ``classnames`` itself
+        stays the base language's: formats match class folders by it (images do not change)."""
+        entry = self.languages.get(self.language, {}) if self.language != self.base_language else {}
+        return (tuple(entry["classnames"]) if "classnames" in entry else self.classnames,
+                tuple(entry["templates"]) if "templates" in entry else self.templates,
+                entry.get("templates_origin", self.templates_origin))
 
     def split(self, role: str) -> Any:
         """The adapter split value for a role (``train``/``val``/``test``), or None."""
