@@ -221,3 +221,19 @@ def test_language_input_errors(tmp_path):
     args = build_parser().parse_args(["run", "--language", "en", "de,cn"])
     assert config_from_args(args).resolved().languages == ["en", "de", "zh"]
     assert config_from_args(build_parser().parse_args(["run"])).languages is None
+
+
+def test_clip_benchmark_language_results_read_as_language_records():
+    from clipbench.interop import from_clip_benchmark
+    from clipbench.results import records_frame
+
+    base = {"model": "ViT-B-32", "pretrained": "openai", "task": "zeroshot_classification",
+            "metrics": {"acc1": 0.5, "acc5": 0.75}}
+    chinese = from_clip_benchmark({**base, "dataset": "imagenet1k", "language": "cn"})
+    english = from_clip_benchmark({**base, "dataset": "imagenet1k", "language": "en"})
+    german = from_clip_benchmark({"model": "m", "pretrained": "p", "dataset": "multilingual_mscoco_captions",
+                                  "task": "zeroshot_retrieval", "language": "de",
+                                  "metrics": {"image_retrieval_recall@1": 0.25}})
+    assert (chinese["dataset"], english["dataset"], german["dataset"]) == ("imagenet@zh", "imagenet", "xtd10@de")
+    frame = records_frame([{**r, "n_samples": 1} for r in (chinese, english, german)])
+    assert list(frame["language"]) == ["zh", "", "de"]
