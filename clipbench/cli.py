@@ -213,6 +213,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             "name": spec.name, "title": spec.title, "tasks": list(spec.tasks),
             "classes": spec.num_classes, "primary_metric": spec.primary_metric,
             "source": f"{spec.source.type}:{spec.source.path}", "groups": list(spec.groups),
+            "languages": list(spec.available_languages),
             "present": status.present, "location": status.location,
             "how_to_get": status.how_to_get if not status.present else "",
         })
@@ -222,6 +223,11 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     table = [[r["name"], r["title"], ",".join(r["tasks"]), r["classes"] or "", r["primary_metric"],
               r["source"], ",".join(r["groups"]), "yes" if r["present"] else "no"] for r in rows]
     print(tabulate(table, headers=["name", "title", "tasks", "classes", "metric", "source", "groups", "local"]))
+    several = [r for r in rows if len(r["languages"]) > 1]
+    if several:
+        print("\nLanguages (--language; records of other languages than the first are DATASET@LANG):")
+        for r in several:
+            print(f"- {r['name']}: {' '.join(r['languages'])}")
     missing = [r for r in rows if not r["present"] and r["how_to_get"]]
     if missing:
         print(f"\nData root: {data_root}. Missing datasets and how to get them:")
