@@ -154,10 +154,9 @@ class Evaluator:
         image-only model has no text encoder for zero-shot or retrieval). ``text`` False leaves the
         tasks that need text out; a spec in another language than its own has only those
         (:func:`language_runs`)."""
-        supports_text = getattr(self.model, "supports_text", True) and text
-        other_language = spec.language != spec.base_language
-        return [task for task in self._eligible(spec)
-                if (supports_text or not task.needs(spec).text) and not (other_language and not task.needs(spec).text)]
+        with_text = text and getattr(self.model, "supports_text", True)
+        without_text = spec.language == spec.base_language
+        return [task for task in self._eligible(spec) if (with_text if task.needs(spec).text else without_text)]
 
     def run(self, specs: list[DatasetSpec]) -> list[results.Record]:
         """Every applicable task on every spec; the first failure raises."""
