@@ -424,6 +424,8 @@ def _language_table(df: pd.DataFrame) -> ReportTable | None:
     """Per model and language, the primary metric of each dataset evaluated in several languages
     (zero-shot and retrieval records of ``DATASET@LANG`` beside the dataset's own)."""
     sub = df[df["task"].isin(["zeroshot", "retrieval"]) & df["k"].isna()]
+    if sub.empty:
+        return None
     base = sub["dataset"].str.partition("@")[0]
     sub = sub.assign(base=base, language=[lang or _own_language(name) for lang, name in zip(sub["language"], base)])
     several = sub.groupby("base")["language"].nunique()
