@@ -105,6 +105,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-shared-decode", dest="shared_decode", action="store_false",
                      help="load and evaluate the models one at a time, even those with the same "
                           "preprocessing (which by default share one decoding pass while they fit)")
+    run.add_argument("--language", nargs="+", default=None, metavar="LANG", dest="languages",
+                     help="the languages of the text (captions, class names, templates) to evaluate, e.g. "
+                     "`--language en de zh`: each dataset runs once per language it offers (its spec's "
+                     "`languages:`), records of other languages than a spec's own are named DATASET@LANG; "
+                     "default: each dataset's own language only")
     run.add_argument("--on-bad-image", choices=BAD_IMAGE_POLICIES, default=default("on_bad_image"),
                      help="an image that cannot be read: fail its split, naming the files (default: "
                           "%(default)s), or skip those samples (records list them)")
@@ -172,6 +177,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         few_shot_seeds=args.few_shot_seeds, recall_k=args.recall_k, n_bootstrap=args.bootstrap,
         templates_file=args.templates, classnames_file=args.classnames, on_bad_image=args.on_bad_image,
         max_image_pixels=args.max_image_pixels, shared_decode=args.shared_decode,
+        languages=[t for item in args.languages for t in _csv_list(item)] if args.languages else None,
     )
 
 
@@ -214,6 +220,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
             "name": spec.name, "title": spec.title, "tasks": list(spec.tasks),
             "classes": spec.num_classes, "primary_metric": spec.primary_metric,
             "source": f"{spec.source.type}:{spec.source.path}", "groups": list(spec.groups),
+            "languages": list(spec.available_languages),
             "present": status.present, "location": status.location,
             "how_to_get": status.how_to_get if not status.present else "",
         })
@@ -223,6 +230,11 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     table = [[r["name"], r["title"], ",".join(r["tasks"]), r["classes"] or "", r["primary_metric"],
               r["source"], ",".join(r["groups"]), "yes" if r["present"] else "no"] for r in rows]
     print(tabulate(table, headers=["name", "title", "tasks", "classes", "metric", "source", "groups", "local"]))
+    several = [r for r in rows if len(r["languages"]) > 1]
+    if several:
+        print("\nLanguages (--language; records of other languages than the first are DATASET@LANG):")
+        for r in several:
+            print(f"- {r['name']}: {' '.join(r['languages'])}")
     missing = [r for r in rows if not r["present"] and r["how_to_get"]]
     if missing:
         print(f"\nData root: {data_root}. Missing datasets and how to get them:")

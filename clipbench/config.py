@@ -28,6 +28,9 @@ PROBE_SOLVERS = ("sklearn", "torch")
 PROBE_FEATURES = ("pre_projection", "projected")
 #: --on-bad-image: a split with undecodable images fails (naming them), or leaves them out
 BAD_IMAGE_POLICIES = ("fail", "skip")
+#: --language accepts clip_benchmark's codes for its ImageNet prompts (cn, jp) as the ISO 639-1
+#: codes clipbench's specs use
+LANGUAGE_ALIASES = {"cn": "zh", "jp": "ja"}
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,9 @@ class RunConfig:
     #: Pillow's decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``, which refuses an image of
     #: more than twice this many pixels); None keeps Pillow's own default, 0 removes the limit
     max_image_pixels: int | None = None
+    #: the text languages to evaluate (``--language``): each dataset runs once per language of these
+    #: that its spec offers; None: each dataset in its own language, as before languages existed
+    languages: list[str] | None = None
 
     @classmethod
     def default(cls, name: str) -> Any:
@@ -205,6 +211,8 @@ class RunConfig:
             output=Path(self.output).expanduser(),
             # an unknown protocol is refused by validate(); resolving it keeps the paper's precision
             precision=self.precision or PROTOCOLS.get(self.protocol, PROTOCOLS["paper"]).precision,
+            languages=list(dict.fromkeys(LANGUAGE_ALIASES.get(code, code) for code in self.languages))
+            if self.languages is not None else None,
         )
 
     def validate(self) -> None:
@@ -246,6 +254,14 @@ class RunConfig:
         if self.max_image_pixels is not None:
             checks.append(("--max-image-pixels", self.max_image_pixels, self.max_image_pixels >= 0,
                            "a pixel count >= 0 (0: no limit)"))
+        if self.languages is not None:
+            from clipbench.specs import LANGUAGE_RE
+
+            bad = [code for code in self.languages if not LANGUAGE_RE.match(LANGUAGE_ALIASES.get(code, code))]
+            if not self.languages or bad:
+                problems.append(f"--language {' '.join(bad or self.languages) or '(none)'} is invalid: expected "
+                                "lowercase language codes such as en de zh (`clipbench datasets` lists each "
+                                "dataset's languages)")
         if self.text_batch_size is not None:
             checks.append(("text_batch_size", self.text_batch_size, self.text_batch_size >= 1, "an integer >= 1"))
         problems += [f"{flag} {value!r} is invalid: expected {expected}" for flag, value, ok, expected in checks

@@ -295,7 +295,9 @@ def image_cache_key(model: Any, spec: Any, role: str, samples: Any,
         "spec": spec.data_digest(),
         "split": role,
         "split_value": spec.split(role),
-        "content": samples.content_digest(),
+        # a spec with several languages keys its images without the captions, which are the
+        # language's: every language shares one encoding of the images
+        "content": samples.content_digest(captions=not getattr(spec, "languages", None)),
     }
     if max_image_pixels is not None:
         # which images decode depends on the limit; the default adds no key part, so the keys of

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
+from clipbench.config import LANGUAGE_ALIASES
 from clipbench.metrics import parse_recall_metric
 from clipbench.reference import DatasetLookup, dataset_info
 
@@ -30,6 +31,9 @@ CLIP_BENCHMARK_DATASETS = {
     "imagenet-r": "imagenet_r",
     "renderedsst2": "rendered_sst2",
     "mscoco_captions": "mscoco",
+    # XTD10's captions of the same 1,000 COCO images, under clip_benchmark's older name
+    "multilingual_mscoco_captions": "xtd10",
+    "crossmodal3600": "crossmodal3600",
 }
 # In clip_benchmark, "image retrieval" ranks images per caption (text→image) and "text retrieval"
 # ranks captions per image (image→text); see clip_benchmark/metrics/zeroshot_retrieval.py.
@@ -71,7 +75,11 @@ def from_clip_benchmark(obj: Mapping[str, Any], datasets: DatasetLookup | None =
             metrics[_CLIP_BENCHMARK_METRICS.get(key, key)] = value
     task = CLIP_BENCHMARK_TASKS[obj["task"]]
     dataset = clip_benchmark_dataset(str(obj["dataset"]))
+    # clip_benchmark's `language` (default en) is clipbench's DATASET@LANG for other languages
+    language = str(obj.get("language") or "en")
+    language = LANGUAGE_ALIASES.get(language, language)
     wanted = dataset_info(dataset, datasets).primary_metric
+    dataset = dataset if language == "en" else f"{dataset}@{language}"
     if wanted in metrics:
         primary = wanted
     elif task == "retrieval":

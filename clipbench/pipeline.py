@@ -36,14 +36,35 @@ from clipbench.tasks.zeroshot import build_prompts, has_placeholder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "RunResult", "Failure", "Evaluator", "RunConfig", "prompts_for"]
+__all__ = ["run", "RunResult", "Failure", "Evaluator", "RunConfig", "prompts_for", "language_runs"]
+
+
+def language_runs(spec: DatasetSpec, languages: list[str] | None) -> list[tuple[DatasetSpec, bool]]:
+    """The spec in each requested language it offers, each with whether its text tasks run.
+
+    ``languages`` None: the spec alone, every task. Tasks without text (probes) depend on no
+    language: they run once, on the spec in its own language, which is therefore always first (its
+    text tasks only when its language was requested). A requested language the spec lacks is left
+    out with one warning.
+    """
+    if languages is None or spec.language != spec.base_language:
+        return [(spec, True)]  # no choice, or one made in --datasets (DATASET@LANG)
+    offered = [code for code in languages if code in spec.available_languages]
+    missing = [code for code in languages if code not in offered]
+    if missing:
+        log.warning("%s: no text in %s (it offers %s); its text tasks run in %s only", spec.name,
+                    ", ".join(missing), ", ".join(spec.available_languages), ", ".join(offered) or "no language")
+    runs = [(spec, spec.base_language in offered)]
+    runs += [(spec.for_language(code), True) for code in offered if code != spec.base_language]
+    return runs
 
 
 def prompts_for(spec: DatasetSpec, config: RunConfig, data_root: Path) -> tuple[list[str], list[str], str]:
     """Classnames, templates and where the templates came from (said in the record)."""
-    classnames = list(spec.classnames or ())
-    templates = list(spec.templates or ())
-    origin = spec.templates_origin or "dataset spec"
+    spec_classnames, spec_templates, spec_origin = spec.prompts()  # in the spec's language
+    classnames = list(spec_classnames or ())
+    templates = list(spec_templates or ())
+    origin = spec_origin or "dataset spec"
     if not classnames or not templates:
         data_classes, data_templates, data_origin = source_prompts(spec, data_root)
         classnames = classnames or list(data_classes or ())
@@ -110,7 +131,7 @@ class Evaluator:
     def split_features(self, spec: DatasetSpec, role: str) -> tuple[ImageFeatures, Samples]:
         """Features of one split; kept while the dataset's tasks run (the probe and the few-shot
         probe share them) instead of reloading the split and re-reading the cache per task."""
-        key = (spec.name, role)
+        key = (spec.record_name, role)  # a language's own captions: not shared across languages
         if key not in self._current:
             samples = self.load_samples(spec, role)
             feats = image_features(self.model, spec, role, samples, self.cache,
@@ -128,25 +149,29 @@ class Evaluator:
     def _eligible(self, spec: DatasetSpec) -> list[Task]:
         return [task for task in map(get_task, self.config.tasks) if task.spec_task in spec.tasks]
 
-    def tasks_for(self, spec: DatasetSpec) -> list[Task]:
+    def tasks_for(self, spec: DatasetSpec, text: bool = True) -> list[Task]:
         """The requested tasks that apply to ``spec`` and the model, in request order (an
-        image-only model has no text encoder for zero-shot or retrieval)."""
-        supports_text = getattr(self.model, "supports_text", True)
-        return [task for task in self._eligible(spec) if supports_text or not task.needs(spec).text]
+        image-only model has no text encoder for zero-shot or retrieval). ``text`` False leaves the
+        tasks that need text out; a spec in another language than its own has only those
+        (:func:`language_runs`)."""
+        with_text = text and getattr(self.model, "supports_text", True)
+        without_text = spec.language == spec.base_language
+        return [task for task in self._eligible(spec) if (with_text if task.needs(spec).text else without_text)]
 
     def run(self, specs: list[DatasetSpec]) -> list[results.Record]:
         """Every applicable task on every spec; the first failure raises."""
         records: list[results.Record] = []
-        for spec in (s.for_protocol(self.config.protocol) for s in specs):
-            self.start_dataset(spec)
-            records.extend(self.run_task(spec, task) for task in self.tasks_for(spec))
+        for base in (s.for_protocol(self.config.protocol) for s in specs):
+            for spec, text in language_runs(base, self.config.languages):
+                self.start_dataset(spec)
+                records.extend(self.run_task(spec, task) for task in self.tasks_for(spec, text))
         return records
 
     def start_dataset(self, spec: DatasetSpec) -> None:
         """Forget the previous dataset's features (one dataset at a time bounds the memory held)."""
         self.end_dataset()
-        applicable = self.tasks_for(spec)
-        for task in [t for t in self._eligible(spec) if t not in applicable]:
+        supports_text = getattr(self.model, "supports_text", True)
+        for task in [t for t in self._eligible(spec) if t.needs(spec).text and not supports_text]:
             log.warning("%s/%s: skipped, the task needs text features and %s is an image-only model",
                         spec.name, task.name, self.model.name)
         if not self._eligible(spec):
@@ -157,11 +182,11 @@ class Evaluator:
         """Release the current dataset's features."""
         self._current = {}
 
-    def roles_to_encode(self, spec: DatasetSpec) -> set[str]:
+    def roles_to_encode(self, spec: DatasetSpec, text: bool = True) -> set[str]:
         """The split roles of ``spec`` whose image features :meth:`run_task` will use: those of the
-        applicable tasks without a reusable record."""
+        applicable tasks (:meth:`tasks_for`) without a reusable record."""
         roles: set[str] = set()
-        for task in self.tasks_for(spec):
+        for task in self.tasks_for(spec, text):
             try:
                 reused = self._reuses(self._stored(spec, task), self.record_settings(spec, task))
             except (ClipbenchError, ValueError, TypeError):
@@ -173,7 +198,7 @@ class Evaluator:
 
     def _stored(self, spec: DatasetSpec, task: Task) -> results.Record | None:
         return results.existing_record(self.config.output, self.model.name, self.model.pretrained,
-                                       spec.name, task.name)
+                                       spec.record_name, task.name)
 
     def _reuses(self, existing: results.Record | None, settings: dict[str, Any]) -> bool:
         """Whether the stored record ``existing`` stands for a task computed under ``settings``."""
@@ -192,6 +217,9 @@ class Evaluator:
         if self.config.protocol != RunConfig.default("protocol"):
             # off the default only, so the digests of records made before --protocol stay valid
             settings["protocol"] = self.config.protocol
+        if spec.language != spec.base_language:
+            # its own record name already; also digested so that a record says what it measured
+            settings["language"] = spec.language
         if self.config.on_bad_image != RunConfig.default("on_bad_image"):
             # skipping changes which samples are scored (and the pixel limit, which are skipped), so
             # such a record is never reused under the other policy; added only off the default so the
@@ -208,11 +236,11 @@ class Evaluator:
         """One record: the stored one when its settings match, else computed and written."""
         settings = self.record_settings(spec, task)
         path = results.record_path(self.config.output, self.model.name, self.model.pretrained,
-                                   spec.name, task.name)
+                                   spec.record_name, task.name)
         existing = self._stored(spec, task)
         if self._reuses(existing, settings):
             log.info("%s/%s: record exists with the same settings, skipped (--force recomputes)",
-                     spec.name, task.name)
+                     spec.record_name, task.name)
             return existing
         old = existing.config.get("settings_digest") if existing is not None else None
         start = time.perf_counter()
@@ -222,12 +250,20 @@ class Evaluator:
             # moved aside only once its replacement exists: a failed task leaves it in place
             kept = results.supersede(path, old or "unknown")
             log.warning("%s/%s: the stored record was computed under other settings (%s); "
-                        "recomputed, the earlier record is kept as %s", spec.name, task.name,
+                        "recomputed, the earlier record is kept as %s", spec.record_name, task.name,
                         results.changed_settings(existing.config, settings), kept.name)
         written = results.write_record(record, self.config.output, output.per_class,
                                        output.per_sample, sample_ids)
         log.info("wrote %s", written)
         return record
+
+    def _language_entry(self, spec: DatasetSpec) -> dict[str, str]:
+        """The record's ``language`` when the run chose languages or the spec is in another than its
+        own (then it is in the settings digest too); left out otherwise, so records of runs without
+        --language are as before."""
+        if self.config.languages is None and spec.language == spec.base_language:
+            return {}
+        return {"language": spec.language}
 
     def _compute(self, spec: DatasetSpec, task: Task, settings: dict[str, Any]):
         needs = task.needs(spec)
@@ -236,7 +272,7 @@ class Evaluator:
         for role in needs.roles:
             if role != "test" and spec.split(role) is None:
                 continue  # e.g. no val split: the task carves one from train
-            held = (spec.name, role) in self._current  # encoded (or read) for an earlier task
+            held = (spec.record_name, role) in self._current  # encoded (or read) for an earlier task
             feats, samples = self.split_features(spec, role)
             skipped.update(dict.fromkeys(feats.skipped))  # ordered, each id once
             images[role] = FeatureSplit(feats.projected, feats.pre_projection, feats.targets,
@@ -270,11 +306,12 @@ class Evaluator:
         seconds["task"] = round(time.perf_counter() - t2, 3)
         log.debug("%s/%s: inputs ready in %.2f s", spec.name, task.name, t2 - t0)
         record = results.Record(
-            model=self.model.name, pretrained=self.model.pretrained, dataset=spec.name, task=task.name,
+            model=self.model.name, pretrained=self.model.pretrained, dataset=spec.record_name, task=task.name,
             split="test", metrics=output.metrics, primary_metric=output.primary_metric or spec.primary_metric,
             n_samples=output.n_samples, skipped=list(skipped),
             confidence_intervals={k: list(v) for k, v in output.confidence_intervals.items()},
-            details=output.details, config={**output.config, **settings, "model": self.model.describe()},
+            details=output.details, config={**output.config, **settings, **self._language_entry(spec),
+                                            "model": self.model.describe()},
             versions=self.versions,
             seconds=seconds,
         )
@@ -424,20 +461,20 @@ def _evaluate_group(group: list[tuple[ModelChoice, Any]], config: RunConfig, sel
     for index, evaluator in enumerate(evaluators):
         if shared is not None:
             evaluator.encoder = shared.encoder(index)
-    for spec in selected:
+    for spec, text in (run for base in selected for run in language_runs(base, config.languages)):
         if shared is not None:
-            shared.start_dataset({index: ev.roles_to_encode(spec) for index, ev in enumerate(evaluators)})
+            shared.start_dataset({index: ev.roles_to_encode(spec, text) for index, ev in enumerate(evaluators)})
         for index, ((choice, _), evaluator) in enumerate(zip(group, evaluators)):
             evaluator.start_dataset(spec)
-            for task in evaluator.tasks_for(spec):
+            for task in evaluator.tasks_for(spec, text):
                 try:
                     outcome.records.append(evaluator.run_task(spec, task))
                 except DistributedError:
                     raise
                 except (ClipbenchError, ValueError, TypeError) as exc:
-                    outcome.failures.append(Failure(spec.name, task.name, str(exc), choice.label))
-                    log.error("%s/%s: %s", spec.name, task.name, exc)
-                    log.debug("%s/%s failed here", spec.name, task.name, exc_info=True)  # -vv
+                    outcome.failures.append(Failure(spec.record_name, task.name, str(exc), choice.label))
+                    log.error("%s/%s: %s", spec.record_name, task.name, exc)
+                    log.debug("%s/%s failed here", spec.record_name, task.name, exc_info=True)  # -vv
             evaluator.end_dataset()
             if shared is not None:
                 shared.finished(index)

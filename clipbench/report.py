@@ -543,6 +543,45 @@ def _openclip_tables(df: pd.DataFrame, infos: Mapping[str, DatasetInfo], ref: Pa
     return tables, unmatched
 
 
+def _own_language(dataset: str) -> str:
+    """The language a dataset spec is written in (its records without a stated language)."""
+    from clipbench.specs import DEFAULT_LANGUAGE, find_spec
+
+    try:
+        spec = find_spec(dataset)
+    except ClipbenchError:
+        spec = None
+    return spec.base_language if spec is not None else DEFAULT_LANGUAGE
+
+
+def _language_table(df: pd.DataFrame) -> ReportTable | None:
+    """Per model and language, the primary metric of each dataset evaluated in several languages
+    (zero-shot and retrieval records of ``DATASET@LANG`` beside the dataset's own)."""
+    sub = df[df["task"].isin(["zeroshot", "retrieval"]) & df["k"].isna()]
+    if sub.empty:
+        return None
+    base = sub["dataset"].str.partition("@")[0]
+    sub = sub.assign(base=base, language=[lang or _own_language(name) for lang, name in zip(sub["language"], base)])
+    several = sub.groupby("base")["language"].nunique()
+    sub = sub[sub["base"].isin(several[several > 1].index)]
+    if sub.empty:
+        return None
+    columns = sorted({(b, t, m) for b, t, m in zip(sub["base"], sub["task"], sub["primary_metric"])})
+    labels = [f"{b} {t} {m}" for b, t, m in columns]
+    rows = []
+    for (model, pretrained, language), group in sub.groupby(["model", "pretrained", "language"], sort=True):
+        by_key = {(b, t): v for b, t, v in zip(group["base"], group["task"], group["value"])}
+        rows.append({"model": _model_label(model, pretrained), "row": language,
+                     **{label: by_key.get((b, t), math.nan) for label, (b, t, _) in zip(labels, columns)}})
+    return ReportTable(
+        title="By language", task="multilingual",
+        frame=pd.DataFrame(rows, columns=["model", "row", *labels]), percent_columns=labels,
+        notes=["Primary metric per dataset and text language (row), percent: the same images scored with the "
+               "captions, class names and templates of each language (`clipbench run --language`). The paper "
+               "reports English only."],
+    )
+
+
 def _dataset_infos(names: Iterable[str], datasets: DatasetLookup | None) -> dict[str, DatasetInfo]:
     """Metadata per dataset name; when several names claim one paper column, the first keeps it."""
     infos: dict[str, DatasetInfo] = {}
@@ -599,6 +638,9 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
     datacomp = datacomp_table(df)
     if datacomp is not None:
         tables.append(datacomp)
+    multilingual = _language_table(df)
+    if multilingual is not None:
+        tables.append(multilingual)
     return tables
 
 

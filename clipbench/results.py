@@ -278,7 +278,18 @@ def package_versions() -> dict[str, str]:
 _FRAME_COLUMNS = [
     "model", "pretrained", "dataset", "task", "primary_metric", "value", "ci_low", "ci_high",
     "n_samples", "k", "std", "metrics", "origin", "source", "skipped", "details", "protocol", "precision",
+    "language",
 ]
+
+
+def record_language(record: Mapping[str, Any]) -> str:
+    """The text language a record states (``config.language``, else the ``@LANG`` of its dataset
+    name); "" when it states none (a run without --language: the dataset's own language)."""
+    stated = (record.get("config") or {}).get("language")
+    if isinstance(stated, str) and stated:
+        return stated
+    _, _, language = str(record.get("dataset", "")).partition("@")
+    return language
 
 
 def _is_clipbench_record(obj: Any) -> bool:
@@ -325,6 +336,7 @@ def records_frame(
             # records say the protocol only off the default (pipeline.Evaluator.record_settings)
             "protocol": (record.get("config") or {}).get("protocol", "paper"),
             "precision": (record.get("config") or {}).get("precision") or "",  # "" = not recorded
+            "language": record_language(record),
         }
         shots = (record.get("details") or {}).get("k") if record["task"] == "few_shot" else None
         if shots:

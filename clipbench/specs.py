@@ -7,6 +7,7 @@ what was expected) and frozen into a :class:`DatasetSpec`. The schema is documen
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -32,10 +33,18 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 _TOP_FIELDS = {
     "name", "title", "tasks", "primary_metric", "num_classes", "multilabel", "groups", "paper_name",
     "source", "splits", "val_fraction", "classnames", "templates", "templates_origin",
-    "class_subset", "subsample", "notes", "protocols",
+    "class_subset", "subsample", "notes", "protocols", "language", "languages",
 }
 #: what a ``protocols.<name>`` block may not replace: the identity of the spec
 _PROTOCOL_FIXED = {"name", "protocols"}
+#: The language of a spec's text (captions, class names, templates) when it states none.
+DEFAULT_LANGUAGE = "en"
+LANGUAGE_RE = re.compile(r"^[a-z]{2,3}(-[a-z0-9]+)?$")
+#: What one entry of a spec's ``languages:`` mapping may replace: the text fields, and the
+#: storage format's own ``source:`` options (e.g. which caption file or column to read).
+LANGUAGE_FIELDS = ("classnames", "templates", "templates_origin", "source")
+#: Separates a dataset name from a language in record names and ``--datasets`` (``xtd10@de``).
+LANGUAGE_SEPARATOR = "@"
 
 
 @dataclass(frozen=True)
@@ -77,11 +86,65 @@ class DatasetSpec:
     notes: str | None = None
     #: protocol name -> the spec fields that protocol replaces (``protocols:`` in the YAML)
     protocols: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
+    #: the language of this spec's text; ``base_language`` is the one the spec file itself
+    #: describes, ``languages`` the others it offers (code -> the validated replacement fields)
+    language: str = DEFAULT_LANGUAGE
+    base_language: str = DEFAULT_LANGUAGE
+    languages: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_retrieval(self) -> bool:
         return "retrieval" in self.tasks
+
+    @property
+    def available_languages(self) -> tuple[str, ...]:
+        """The base language, then the others of ``languages:`` in spec order."""
+        return (self.base_language, *self.languages)
+
+    @property
+    def record_name(self) -> str:
+        """The dataset name records and reports use: ``name`` in the base language, else
+        ``name@language`` (so that each language has its own record)."""
+        if self.language == self.base_language:
+            return self.name
+        return f"{self.name}{LANGUAGE_SEPARATOR}{self.language}"
+
+    def for_language(self, language: str) -> "DatasetSpec":
+        """This spec with the text of ``language`` (the base language: the spec itself).
+
+        The image side (name, source path, splits, ``raw``, hence ``data_digest``) is the base
+        spec's: every language of a dataset shares its image features.
+
+        Raises:
+            ClipbenchError: the spec does not offer ``language`` (naming the ones it does).
+        """
+        if language == self.language:
+            return self
+        if language == self.base_language:
+            return parse_spec(self.raw, self.file)  # raw is always the base spec's
+        if language not in self.languages:
+            raise ClipbenchError(
+                f"Dataset '{self.name}' has no text in language '{language}'{_close_hint(language, self.available_languages)}; "
+                f"it offers {', '.join(self.available_languages)} (its spec's `language:` and `languages:` fields)."
+            )
+        entry = self.languages[language]
+        options = self.source.options
+        if entry.get("source"):
+            options = dataclasses.replace(options, **entry["source"])
+        title = f"{self.title} [{language}]"
+        return dataclasses.replace(
+            self, language=language, title=title, paper_name=None,  # the paper measured English only
+            source=dataclasses.replace(self.source, options=options),
+        )
+
+    def prompts(self) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None, str | None]:
+        """(class names, templates, their origin) in this spec's language. ``classnames`` itself
+        stays the base language's: formats match class folders by it (images do not change)."""
+        entry = self.languages.get(self.language, {}) if self.language != self.base_language else {}
+        return (tuple(entry["classnames"]) if "classnames" in entry else self.classnames,
+                tuple(entry["templates"]) if "templates" in entry else self.templates,
+                entry.get("templates_origin", self.templates_origin))
 
     def split(self, role: str) -> Any:
         """The adapter split value for a role (``train``/``val``/``test``), or None."""
@@ -94,9 +157,7 @@ class DatasetSpec:
         override = self.protocols.get(protocol)
         if override is None:
             return self
-        merged = {k: v for k, v in self.raw.items() if k != "protocols"}
-        merged.update(override)
-        return parse_spec(merged, self.file)
+        return parse_spec(_with_protocol(self.raw, override), self.file)
 
     def data_digest(self) -> str:
         """Digest of every field that changes which images (and labels) a split yields.
@@ -112,9 +173,10 @@ class DatasetSpec:
         resolved to their content (class folders, class subset). Prompts are digested by the
         tasks that use them; title, notes, groups and paper name change no number."""
         # protocols: another protocol's fields change this spec's numbers only once applied
-        # (for_protocol), and then they are part of the applied spec's own fields
+        # (for_protocol), and then they are part of the applied spec's own fields; the other
+        # languages' text is digested when that language runs (language, prompts)
         cosmetic = {"title", "notes", "groups", "paper_name", "templates_origin", "classnames", "templates",
-                    "protocols"}
+                    "protocols", "language", "languages"}
         payload = {k: v for k, v in self.raw.items() if k not in cosmetic}
         payload.update(source=repr(self.source), class_subset=self.class_subset)
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -412,6 +474,70 @@ def _validate_classes(raw: dict, tasks: list[str], num_classes: Any, file: Path,
     return classnames, templates, subset_ints
 
 
+def _validate_languages(raw: dict, source: SourceSpec | None, num_classes: Any, class_subset: Any,
+                        file: Path, errors: _Errors) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(base language, other language -> its replacement fields, loaded and parsed)."""
+    base = raw.get("language", DEFAULT_LANGUAGE)
+    if not isinstance(base, str) or not LANGUAGE_RE.match(base):
+        errors.add("language", "a lowercase language code such as 'en' or 'zh'", base)
+        base = DEFAULT_LANGUAGE
+    mapping = raw.get("languages") or {}
+    if not isinstance(mapping, dict):
+        errors.add("languages", "a mapping of language code -> the fields that language replaces", mapping)
+        return base, {}
+    languages: dict[str, dict[str, Any]] = {}
+    for code, entry in mapping.items():
+        where = f"languages.{code}"
+        if not isinstance(code, str) or not LANGUAGE_RE.match(code) or code == base:
+            errors.add("languages", f"language codes such as 'de' other than the base language '{base}'", code)
+            continue
+        if not isinstance(entry, dict) or not entry:
+            errors.add(where, f"a mapping of the fields the language replaces, among {list(LANGUAGE_FIELDS)}", entry)
+            continue
+        for key in sorted(set(entry) - set(LANGUAGE_FIELDS), key=str):
+            errors.add(f"{where}.{key}", f"one of {list(LANGUAGE_FIELDS)}{_close_hint(key, LANGUAGE_FIELDS)}", key)
+        parsed: dict[str, Any] = {}
+        for key in ("classnames", "templates"):
+            if key in entry:
+                items = _load_list(entry[key], f"{where}.{key}", file, errors)
+                if items is not None:
+                    parsed[key] = items
+        if classnames_mixup(parsed.get("classnames", ())) is not None:
+            errors.add(f"{where}.classnames", "class names, not templates (a line holds a placeholder)",
+                       classnames_mixup(parsed["classnames"]))
+        if any(not has_placeholder(t) for t in parsed.get("templates", ())):
+            errors.add(f"{where}.templates", "every template to contain the '{c}' placeholder",
+                       next(t for t in parsed["templates"] if not has_placeholder(t)))
+        names = parsed.get("classnames")
+        if names is not None and isinstance(num_classes, int):
+            if class_subset is not None and class_subset and max(class_subset) >= len(names):
+                errors.add(f"{where}.classnames", f"more than {max(class_subset)} class names (class_subset)", len(names))
+            elif class_subset is None and len(names) != num_classes:
+                errors.add(f"{where}.classnames", f"{num_classes} class names (num_classes)", len(names))
+        origin = entry.get("templates_origin")
+        if origin is not None:
+            if isinstance(origin, str):
+                parsed["templates_origin"] = origin
+            else:
+                errors.add(f"{where}.templates_origin", "a string", origin)
+        replaced = entry.get("source")
+        if replaced is not None and source is not None:
+            fmt = get_format(source.type)
+            known = option_names(fmt.options_class)
+            if not isinstance(replaced, dict):
+                errors.add(f"{where}.source", f"a mapping of source options of type '{source.type}': {list(known)}", replaced)
+            else:
+                for key in sorted(set(replaced) - set(known), key=str):
+                    errors.add(f"{where}.source.{key}", f"a source option of type '{source.type}' "
+                               f"(the data's path, type and splits are shared by every language){_close_hint(key, known)}; "
+                               f"its options: {list(known)}", key)
+                options = parse_options(fmt.options_class, replaced, errors, prefix=f"{where}.source")
+                if options is not None:
+                    parsed["source"] = {k: getattr(options, k) for k in replaced if k in known}
+        languages[code] = parsed
+    return base, languages
+
+
 def parse_spec(raw: Any, file: Path) -> DatasetSpec:
     """Validate a parsed YAML mapping and build a :class:`DatasetSpec`.
 
@@ -453,6 +579,7 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
             and get_metric(metric).grouped and getattr(source.options, "group_column", None) is None):
         errors.add("source.group_column", f"the metadata member holding each sample's group (primary metric "
                    f"{metric} compares groups of samples), e.g. npy with group_index 0", None)
+    base_language, languages = _validate_languages(raw, source, num_classes, class_subset, file, errors)
     errors.raise_if_any()
     assert source is not None
     return DatasetSpec(
@@ -475,8 +602,20 @@ def parse_spec(raw: Any, file: Path) -> DatasetSpec:
         subsample=dict(subsample) if subsample else None,
         notes=raw.get("notes"),
         protocols=protocols,
+        language=base_language,
+        base_language=base_language,
+        languages=languages,
         raw=dict(raw),
     )
+
+
+def _with_protocol(raw: dict, override: dict) -> dict:
+    """The raw spec with a ``protocols.<name>`` block applied. The result has no ``protocols``, nor
+    the spec's other ``languages`` unless the block gives its own: a protocol's copy of the data
+    comes with its own text, which the spec's translations do not describe."""
+    merged = {k: v for k, v in raw.items() if k not in ("protocols", "languages")}
+    merged.update(override)
+    return merged
 
 
 def _validate_protocols(raw: dict, file: Path, errors: _Errors) -> dict[str, dict[str, Any]]:
@@ -498,10 +637,8 @@ def _validate_protocols(raw: dict, file: Path, errors: _Errors) -> dict[str, dic
                        key)
         if set(override) & _PROTOCOL_FIXED or set(override) - _TOP_FIELDS:
             continue
-        merged = {k: v for k, v in raw.items() if k != "protocols"}
-        merged.update(override)
         try:
-            parse_spec(merged, file)
+            parse_spec(_with_protocol(raw, override), file)
         except ClipbenchError as exc:
             errors.add(f"protocols.{protocol}", "fields that make a valid spec once applied", str(exc))
             continue
@@ -529,11 +666,14 @@ def _looks_like_path(value: str) -> bool:
 
 
 def find_spec(name: str) -> DatasetSpec | None:
-    """The packaged spec called ``name`` (case-insensitive), or None."""
+    """The packaged spec called ``name`` (case-insensitive), or None; ``name@language`` is that
+    spec in one of its languages (:meth:`DatasetSpec.for_language`, which raises for a language
+    the spec lacks)."""
     files = spec_files()
-    key = name.lower()
+    key, _, language = name.lower().partition(LANGUAGE_SEPARATOR)
     if key in files:
-        return load_spec_file(files[key])
+        spec = load_spec_file(files[key])
+        return spec.for_language(language) if language else spec
     return None
 
 

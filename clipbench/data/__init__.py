@@ -30,7 +30,9 @@ from clipbench.data.formats import (
 from clipbench.errors import ClipbenchError
 
 # The built-in formats register themselves on import.
-from clipbench.data import huggingface, imagefolder, synthetic, table, torchvision_adapter, video, webdataset  # noqa: E402,F401  isort: skip
+from clipbench.data import (  # noqa: E402,F401  isort: skip
+    aligned_captions, huggingface, imagefolder, jsonl_captions, synthetic, table, torchvision_adapter, video, webdataset,
+)
 
 if TYPE_CHECKING:
     from clipbench.specs import DatasetSpec

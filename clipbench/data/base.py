@@ -69,21 +69,23 @@ class Samples:
             groups=self.groups[indices] if self.groups is not None else None,
         )
 
-    def content_digest(self) -> str:
-        """Digest of the listing and of the stored content (the fingerprint): the feature-cache key part."""
-        h = hashlib.sha256(self.listing_digest().encode())
+    def content_digest(self, captions: bool = True) -> str:
+        """Digest of the listing and of the stored content (the fingerprint): the feature-cache key
+        part. ``captions=False`` leaves the captions out (they change no image feature)."""
+        h = hashlib.sha256(self.listing_digest(captions).encode())
         if self.fingerprint is not None:
             h.update(self.fingerprint().encode())
         return h.hexdigest()[:16]
 
-    def listing_digest(self) -> str:
-        """Digest of the sample ids and targets (or captions), not of the stored bytes."""
+    def listing_digest(self, captions: bool = True) -> str:
+        """Digest of the sample ids and targets (or captions, unless ``captions=False``), not of
+        the stored bytes."""
         h = hashlib.sha256(str(self.size).encode())
         if self.ids is not None:
             h.update("\n".join(map(str, self.ids)).encode())
         if self.targets is not None:
             h.update(np.ascontiguousarray(self.targets).tobytes())
-        if self.captions is not None:
+        if captions and self.captions is not None:
             h.update("\x1f".join("\x1e".join(c) for c in self.captions).encode())
         if self.groups is not None:  # only then: the digests of ungrouped splits are unchanged
             h.update(b"groups" + np.ascontiguousarray(self.groups, dtype=np.int64).tobytes())
