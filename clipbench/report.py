@@ -36,6 +36,9 @@ from clipbench.results import load_records, records_frame, safe_name
 log = logging.getLogger(__name__)
 
 CLASSIFICATION_TASKS = ("zeroshot", "linear_probe")
+#: caption-set tasks: one table each of the primary metric per dataset and the group means
+#: (SugarCrepe's mean over its seven subsets is the ``mean (sugar_crepe)`` column)
+SELECTION_TASKS = ("caption_selection", "winoground")
 
 
 def task_title(name: str) -> str:
@@ -432,8 +435,8 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
     Per classification task: model × dataset scores (with the paper's and the difference for the
     paper's models) and the difference to `baseline` (see `resolve_baseline`: a results folder, a
     model label of `df`, or a Table 10 row); few-shot mean ± std per k and
-    the crossing with zero-shot; per model with prompt_study records, the spread over templates;
-    retrieval recall@k against Table 13.
+    the crossing with zero-shot; caption selection and Winoground per dataset with group means;
+    per model with prompt_study records, the spread over templates; retrieval recall@k against Table 13.
     """
     ref = load_paper_reference()
     resolved = resolve_baseline(baseline, df, ref, datasets)  # fails early on an unknown baseline
@@ -447,6 +450,10 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
         table = _baseline_table(sub, task, infos, ref, resolved)
         if table is not None:
             tables.append(table)
+    for task in SELECTION_TASKS:
+        sub = df[df["task"] == task]
+        if not sub.empty:
+            tables.append(_score_table(sub, task, infos, ref))
     tables.extend(_few_shot_tables(df, infos, ref))
     tables.extend(_prompt_study_tables(df, infos, ref))
     retrieval = _retrieval_table(df, infos, ref)
