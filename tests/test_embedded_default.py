@@ -72,10 +72,10 @@ def test_trained_tiny_clip_tells_a_replaced_attribute_apart_random_init_does_not
     trained_record = trained[("synthetic-composition", "caption_selection")]
     random_record = random_init[("synthetic-composition", "caption_selection")]
     assert trained_record.n_samples == 300 and trained_record.details["n_negatives"] == 300
-    # one negative per image: chance 0.5. measured: trained 0.997, random init 0.49
+    # one negative per image: chance 0.5 (binomial sd over 300 images: 0.029). measured: trained
+    # 0.997, random init 0.49 to 0.52
     assert trained_record.metrics["accuracy"] >= 0.9
-    low, high = random_record.confidence_intervals["accuracy"]
-    assert abs(random_record.metrics["accuracy"] - 0.5) <= 0.1 and low < 0.5 < high + 0.05
+    assert abs(random_record.metrics["accuracy"] - 0.5) <= 0.1
 
 
 def test_linear_probe_beats_zero_shot_on_the_trained_model(trained):
