@@ -200,7 +200,11 @@ def caption_sets_from_dataset(dataset: Any, options: HuggingFaceOptions, *, desc
     paired = bool(options.image_columns or options.caption_columns)
     image_column = None if paired else options.image_column or _guess_image_column(dataset)
     images = list(options.image_columns) if paired else [image_column]
-    texts = [*options.caption_columns] if paired else [options.caption_column or "caption"]
+    if not paired and not options.caption_column:
+        raise ClipbenchError(f"{description}: set source.caption_column (each row's caption) and "
+                             "source.negative_column, or source.image_columns and source.caption_columns "
+                             "(paired rows), in the spec.")
+    texts = [*options.caption_columns] if paired else [options.caption_column]
     texts += [options.negative_column] if options.negative_column else []
     missing = [c for c in images + texts if c not in dataset.features]
     if missing:
@@ -209,7 +213,7 @@ def caption_sets_from_dataset(dataset: Any, options: HuggingFaceOptions, *, desc
     columns = {c: dataset[c] for c in texts}
     rows = [{**{c: columns[c][i] for c in texts}, **dict.fromkeys(images)} for i in range(len(dataset))]
     ids = [str(v) for v in dataset["id"]] if "id" in dataset.features else [str(i) for i in range(len(dataset))]
-    laid = caption_set_rows(rows, ids, image_column=image_column or "", caption_column=texts[0],
+    laid = caption_set_rows(rows, ids, image_column=image_column or "", caption_column=options.caption_column or "",
                             negative_column=options.negative_column, image_columns=options.image_columns,
                             caption_columns=options.caption_columns, where=description)
     return Samples(HFCellLoader(dataset, laid.images), len(laid.images), captions=laid.captions,
