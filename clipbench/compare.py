@@ -134,6 +134,17 @@ def paired_samples(a: SampleOutputs, b: SampleOutputs, metric: str) -> PairedSam
     if metric in metrics.metric_names() and metrics.get_metric(metric).grouped:
         raise ValueError(f"{metric!r} depends on sample groups; paired comparison does not resample "
                          "groups yet: compare another metric (e.g. accuracy)")
+    if a.kind == "selection":
+        names = a.meta["metrics"]
+        if metric not in names:
+            raise ValueError(f"{metric!r} is not among these records' metrics {names}")
+        column = names.index(metric)
+
+        def correct(outputs: SampleOutputs) -> dict[str, np.ndarray]:
+            return {"value": outputs.arrays["correct"][:, column].astype(np.float64)}
+
+        return PairedSamples(metric, correct(a), correct(b), {"units": np.ones(len(a.ids))},
+                             _mean_statistic("value"), "value")
     targets = a.arrays["targets"].astype(np.int64)
     if metric in RANK_METRICS and ("target_rank" in a.arrays or "top_classes" in a.arrays):
         def units(outputs: SampleOutputs) -> dict[str, np.ndarray]:
@@ -397,7 +408,7 @@ def align(a: SampleOutputs, b: SampleOutputs, label: str) -> SampleOutputs:
         per_run = ("target_rank", "scores") if b.kind == "few_shot" else ()
         arrays = {k: v if k == "ks" else v[..., order] if k in per_run else v[order] for k, v in b.arrays.items()}
         b = SampleOutputs(list(a.ids), arrays, b.meta)
-    same = ("caption_image",) if a.kind == "retrieval" else ("targets",)
+    same = {"retrieval": ("caption_image",), "selection": ()}.get(a.kind, ("targets",))
     for key in same:
         if not np.array_equal(a.arrays[key], b.arrays[key]):
             raise ClipbenchError(

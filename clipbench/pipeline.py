@@ -31,7 +31,7 @@ from clipbench.errors import ClipbenchError
 from clipbench.features import FeatureCache, ImageFeatures, image_features, text_features
 from clipbench.specs import DatasetSpec, read_classnames, read_lines
 from clipbench.tasks import Task, get_task
-from clipbench.tasks.base import Captions, ClassPrompts, FeatureSplit, TaskInputs
+from clipbench.tasks.base import Captions, CaptionSets, ClassPrompts, FeatureSplit, TaskInputs
 from clipbench.tasks.zeroshot import build_prompts, has_placeholder
 
 log = logging.getLogger(__name__)
@@ -280,7 +280,7 @@ class Evaluator:
             feature_seconds += 0.0 if held else feats.seconds  # what this record spent
             test_samples = samples if role == "test" else test_samples
         t1 = time.perf_counter()
-        class_prompts = captions = None
+        class_prompts = captions = caption_sets = None
         if needs.text == "class_prompts":
             classnames, templates, origin = prompts_for(spec, self.config, Path(self.config.data_root))
             encoded = text_features(self.model, build_prompts(classnames, templates), self.cache,
@@ -295,9 +295,20 @@ class Evaluator:
             owner = np.repeat(np.arange(len(per_image)), [len(c) for c in per_image])
             encoded = text_features(self.model, flat, self.cache, batch_size=self._text_batch_size())
             captions = Captions(encoded, owner)
+        elif needs.text == "caption_sets":
+            # each image's captions then its negatives; cached by content like every text list, so
+            # other negatives are other cache entries
+            groups = [(caps, negs) for caps, negs in zip(test_samples.captions, test_samples.negatives)]
+            flat = [t for caps, negs in groups for t in (*caps, *negs)]
+            owner = np.repeat(np.arange(len(groups)), [len(c) + len(n) for c, n in groups])
+            positive = np.concatenate([np.arange(len(c) + len(n)) < len(c) for c, n in groups])
+            encoded = text_features(self.model, flat, self.cache, batch_size=self._text_batch_size())
+            examples = tuple(test_samples.examples) if test_samples.examples is not None else None
+            caption_sets = CaptionSets(encoded, owner, positive, examples)
         t2 = time.perf_counter()
         inputs = TaskInputs(spec=spec, settings=task.settings(self.config), images=images,
-                            class_prompts=class_prompts, captions=captions, device=str(self.model.device),
+                            class_prompts=class_prompts, captions=captions, caption_sets=caption_sets,
+                            device=str(self.model.device),
                             jobs=self.config.probe_jobs)
         output = task.run(inputs)
         seconds = {"features": round(feature_seconds, 3)}

@@ -60,6 +60,9 @@ PAPER_PROTOCOLS = {
     "linear_probe": "L-BFGS logistic regression on image features (Appendix A.3), the paper's metric per "
                     "dataset (Table 9)",
 }
+#: caption-set tasks: one table each of the primary metric per dataset and the group means
+#: (SugarCrepe's mean over its seven subsets is the ``mean (sugar_crepe)`` column)
+SELECTION_TASKS = ("caption_selection", "winoground")
 
 
 def task_title(name: str) -> str:
@@ -605,9 +608,10 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
     Per classification task: model × dataset scores (with the paper's and the difference for the
     paper's models) and the difference to `baseline` (see `resolve_baseline`: a results folder, a
     model label of `df`, or a Table 10 row); few-shot mean ± std per k and
-    the crossing with zero-shot; per model with prompt_study records, the spread over templates;
-    retrieval recall@k against Table 13; per task, the models open_clip publishes results for beside
-    those (`clipbench.openclip_reference`; one note names the models it does not have); DataComp's
+    the crossing with zero-shot; caption selection and Winoground per dataset with group means;
+    per model with prompt_study records, the spread over templates; retrieval recall@k against
+    Table 13; per task, the models open_clip publishes results for beside those
+    (`clipbench.openclip_reference`; one note names the models it does not have); DataComp's
     average and group means of the records made under ``--protocol datacomp``
     (:func:`clipbench.datacomp.datacomp_table`).
     """
@@ -623,6 +627,10 @@ def report_tables(df: pd.DataFrame, baseline: str = DEFAULT_BASELINE,
         table = _baseline_table(sub, task, infos, ref, resolved)
         if table is not None:
             tables.append(table)
+    for task in SELECTION_TASKS:
+        sub = df[df["task"] == task]
+        if not sub.empty:
+            tables.append(_score_table(sub, task, infos, ref))
     tables.extend(_few_shot_tables(df, infos, ref))
     tables.extend(_prompt_study_tables(df, infos, ref))
     retrieval = _retrieval_table(df, infos, ref)

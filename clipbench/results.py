@@ -116,7 +116,8 @@ def write_record(record: Record, output: Path, per_class: Any | None = None,
     """Write the record and its sidecars atomically, sidecars first; returns the record's path.
 
     ``per_sample`` (with ``sample_ids``, the test split's ids in the same order) goes to
-    ``<task>.samples.npz`` (:mod:`clipbench.sidecars`); without it, a stale one is removed.
+    ``<task>.samples.npz`` (:mod:`clipbench.sidecars`; ``per_sample.ids``, when set, name its units
+    instead); without it, a stale one is removed.
     """
     if not record.created:
         record.created = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
@@ -127,7 +128,7 @@ def write_record(record: Record, output: Path, per_class: Any | None = None,
     if per_sample is not None:
         if sample_ids is None:
             raise ValueError("per-sample outputs need the sample ids they belong to")
-        write_sample_outputs(samples, per_sample, sample_ids)
+        write_sample_outputs(samples, per_sample, per_sample.ids if per_sample.ids is not None else sample_ids)
     else:
         samples.unlink(missing_ok=True)
     atomic_write_json(path, record.to_dict())

@@ -13,7 +13,10 @@ summary metrics are recomputed from them exactly (:func:`recompute_metrics`). Co
   rank of the target class clipped at 5 (5 = not in the top 5), or ``scores`` (n_k, n_seeds, N)
   float64 for a binary metric;
 * retrieval: ``text_to_image_rank`` (n_captions,), ``image_to_text_rank`` (n_images,; -1 for an
-  image without captions) and ``caption_image`` (n_captions,), the image of each caption.
+  image without captions) and ``caption_image`` (n_captions,), the image of each caption;
+* selection (caption selection, Winoground): ``correct`` (N, S) uint8, 1 where unit i is right by
+  metric ``meta["metrics"][j]``; a unit is a test image, or a Winoground example (its ids are then
+  the example ids).
 
 Every file also holds ``ids`` (N,) the test split's sample ids (UTF-8) and ``meta``, a JSON
 string: format version, task kind, metric names. ImageNet's 50,000 test images take about
@@ -41,18 +44,20 @@ TOP_K = 5
 #: Single-label metrics computable from the target's rank among the classes.
 RANK_METRICS = ("accuracy", "top5_accuracy", "mean_per_class_recall", "mean_top1_top5")
 #: Task kinds a sidecar's ``meta["kind"]`` names.
-KINDS = ("single_label", "multilabel", "binary", "few_shot", "retrieval")
+KINDS = ("single_label", "multilabel", "binary", "few_shot", "retrieval", "selection")
 
 
 @dataclass(frozen=True)
 class PerSample:
     """What a task returns for its sidecar (:attr:`clipbench.tasks.base.TaskOutput.per_sample`):
     ``kind`` (one of :data:`KINDS`), ``arrays`` (layout: module docstring) and JSON-ready ``meta``
-    (``primary_metric``, ``n_classes`` or ``recall_k``). The pipeline adds the sample ids."""
+    (``primary_metric``, ``n_classes`` or ``recall_k``). The pipeline adds the test split's sample
+    ids, unless ``ids`` names other units (Winoground's examples, each of two images)."""
 
     kind: str
     arrays: dict[str, np.ndarray]
     meta: dict[str, Any]
+    ids: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,16 @@ def retrieval_outputs(text_to_image_rank: np.ndarray, image_to_text_rank: np.nda
     return PerSample("retrieval", arrays, {"primary_metric": primary_metric, "recall_k": [int(k) for k in recall_k]})
 
 
+def selection_outputs(correct: dict[str, np.ndarray], primary_metric: str,
+                      ids: Sequence[str] | None = None) -> PerSample:
+    """A selection record's per-unit correctness: ``correct[name]`` (N,) bool per metric, whose
+    mean is that metric; ``ids`` when the units are not the test images."""
+    names = list(correct)
+    stacked = np.stack([np.asarray(correct[n], dtype=bool) for n in names], axis=1).astype(np.uint8)
+    return PerSample("selection", {"correct": stacked}, {"primary_metric": primary_metric, "metrics": names},
+                     tuple(ids) if ids is not None else None)
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -266,6 +281,8 @@ def recompute_metrics(outputs: SampleOutputs) -> dict[str, float]:
         return metrics.with_mean_recalls(
             retrieval_metrics_from_ranks(arrays["text_to_image_rank"], arrays["image_to_text_rank"],
                                          meta["recall_k"]), meta["recall_k"])
+    if outputs.kind == "selection":
+        return {name: float(np.mean(arrays["correct"][:, j])) for j, name in enumerate(meta["metrics"])}
     if outputs.kind == "few_shot":
         out = {}
         for i, k in enumerate(arrays["ks"]):

@@ -146,6 +146,18 @@ class DatasetSpec:
                 tuple(entry["templates"]) if "templates" in entry else self.templates,
                 entry.get("templates_origin", self.templates_origin))
 
+    @property
+    def has_caption_sets(self) -> bool:
+        """Whether the data are caption sets: images with captions and negative captions."""
+        from clipbench.tasks import CAPTION_SET_METRICS
+
+        return any(task in CAPTION_SET_METRICS for task in self.tasks)
+
+    @property
+    def is_captioned(self) -> bool:
+        """Whether the data are images with captions (retrieval, caption sets), not labels."""
+        return self.is_retrieval or self.has_caption_sets
+
     def split(self, role: str) -> Any:
         """The adapter split value for a role (``train``/``val``/``test``), or None."""
         return self.splits.get(role)
@@ -374,7 +386,8 @@ def _validate_source(raw: Any, errors: _Errors) -> SourceSpec | None:
 
 def _validate_tasks(raw: dict, errors: _Errors) -> tuple[list[str], Any, Any, Any]:
     """(tasks, primary metric, num_classes, multilabel) and their consistency."""
-    from clipbench.tasks import spec_task_names  # the task registry says which spec tasks exist
+    # the task registry says which spec tasks exist
+    from clipbench.tasks import CAPTION_SET_METRICS, spec_task_names
 
     tasks = raw.get("tasks")
     if not isinstance(tasks, list) or not tasks or any(t not in spec_task_names() for t in tasks):
@@ -383,21 +396,30 @@ def _validate_tasks(raw: dict, errors: _Errors) -> tuple[list[str], Any, Any, An
     is_retrieval = "retrieval" in tasks
     if is_retrieval and len(tasks) > 1:
         errors.add("tasks", "retrieval datasets support only the retrieval task", tasks)
+    caption_sets = [t for t in tasks if t in CAPTION_SET_METRICS]
+    if caption_sets and len(caption_sets) != len(tasks):
+        errors.add("tasks", f"caption-set datasets ({', '.join(CAPTION_SET_METRICS)}) support only "
+                   "caption-set tasks", tasks)
+    allowed = [m for t in caption_sets for m in CAPTION_SET_METRICS[t]]
 
     metric = raw.get("primary_metric")
-    if is_retrieval:
+    if caption_sets:
+        if metric not in allowed:
+            errors.add("primary_metric", f"one of {allowed} (the metrics of {caption_sets})", metric)
+    elif is_retrieval:
         if not is_retrieval_metric(metric):
             errors.add("primary_metric", "a retrieval metric such as 'text_to_image_R@1'", metric)
     elif metric not in metric_names():
         errors.add("primary_metric", f"one of {list(metric_names())}", metric)
 
     num_classes = raw.get("num_classes")
-    if not is_retrieval and (not isinstance(num_classes, int) or num_classes < 2):
+    captioned = is_retrieval or bool(caption_sets)  # no classes: num_classes, label metrics do not apply
+    if not captioned and (not isinstance(num_classes, int) or num_classes < 2):
         errors.add("num_classes", "an integer >= 2 for a classification dataset", num_classes)
     multilabel = raw.get("multilabel", False)
     if not isinstance(multilabel, bool):
         errors.add("multilabel", "true or false", multilabel)
-    elif not is_retrieval and metric in metric_names() and (get_metric(metric).kind == "multilabel") != multilabel:
+    elif not captioned and metric in metric_names() and (get_metric(metric).kind == "multilabel") != multilabel:
         errors.add(
             "primary_metric",
             f"a {'multi' if multilabel else 'single'}-label metric to match multilabel: "

@@ -10,7 +10,8 @@ data (``TRAIN_STREAM``) draw from different streams, so evaluation images are ne
 
 ``materialize(name, root)`` writes a data set in the on-disk formats that clipbench's standard
 adapters read (``imagefolder`` for ``synthetic-shapes`` / ``synthetic-colors``, ``table`` for
-``synthetic-captions``), atomically and idempotently.
+``synthetic-captions`` and the caption-selection set ``synthetic-composition``), atomically and
+idempotently.
 """
 
 from __future__ import annotations
@@ -103,9 +104,16 @@ CLASSNAMES: dict[str, tuple[str, ...]] = {
 CLASS_SPLIT_SIZES: dict[str, int] = {"train": 50, "val": 20, "test": 50}
 #: Images (each with CAPTIONS_PER_IMAGE captions) in synthetic-captions' test split.
 RETRIEVAL_IMAGES = 1000
+#: Images (each with one caption and one negative caption) in synthetic-composition's test split.
+COMPOSITION_IMAGES = 300
+#: synthetic-composition's caption names size, colour and shape; its negative replaces one of
+#: them (image i: attribute i % 3), SugarCrepe's replace-attribute / replace-object in this world
+COMPOSITION_TEMPLATE = "a {size} {color} {shape}"
+COMPOSITION_REPLACED = ("color", "shape", "size")
 #: The stream that clipbench-tiny is trained on; no materialised data set uses it.
 TRAIN_STREAM = "clipbench-tiny/train"
-DATASET_NAMES: tuple[str, ...] = ("synthetic-shapes", "synthetic-colors", "synthetic-captions")
+DATASET_NAMES: tuple[str, ...] = ("synthetic-shapes", "synthetic-colors", "synthetic-captions",
+                                   "synthetic-composition")
 _MARKER = ".clipbench-synthetic.json"
 
 
@@ -300,6 +308,22 @@ def retrieval_examples(n_images: Optional[int] = None) -> Iterator[tuple[int, Ex
         yield index, generate("synthetic-captions/test", index)
 
 
+def composition_examples(n_images: Optional[int] = None) -> Iterator[tuple[int, Example, str, str]]:
+    """Yield ``(index, example, caption, negative)`` for synthetic-composition's test split: the
+    caption :data:`COMPOSITION_TEMPLATE` of the scene, the negative the same with one attribute
+    (:data:`COMPOSITION_REPLACED`, by index) replaced by another value drawn at random."""
+    values = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES)}
+    stream = "synthetic-composition/test"
+    for index in range(COMPOSITION_IMAGES if n_images is None else n_images):
+        example = generate(stream, index)
+        scene = {name: getattr(example.scene, name) for name in values}
+        replaced = COMPOSITION_REPLACED[index % len(COMPOSITION_REPLACED)]
+        others = [v for v in values[replaced] if v != scene[replaced]]
+        rng = np.random.default_rng(_seed_sequence(f"{stream}/negatives", index, WORLD_SEED))
+        negative = {**scene, replaced: others[rng.integers(len(others))]}
+        yield index, example, COMPOSITION_TEMPLATE.format(**scene), COMPOSITION_TEMPLATE.format(**negative)
+
+
 def _write_png(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
@@ -323,6 +347,18 @@ def _write_retrieval(tmp: Path) -> dict:
     return {"test": RETRIEVAL_IMAGES}
 
 
+def _write_composition(tmp: Path) -> dict:
+    with open(tmp / "test.jsonl", "w", encoding="utf-8") as f:
+        for index, example, caption, negative in composition_examples():
+            relative = f"images/{index:05d}.png"
+            _write_png(example.image, tmp / relative)
+            f.write(json.dumps({"image": relative, "captions": [caption], "negatives": [negative]}) + "\n")
+    return {"test": COMPOSITION_IMAGES}
+
+
+_WRITERS = {"synthetic-captions": _write_retrieval, "synthetic-composition": _write_composition}
+
+
 def _is_complete(root: Path) -> bool:
     try:
         marker = json.loads((root / _MARKER).read_text(encoding="utf-8"))
@@ -336,7 +372,9 @@ def materialize(name: str, root: Path) -> Path:
 
     Layouts: ``synthetic-shapes`` / ``synthetic-colors``: ``<root>/<split>/<classname>/<index>.png``
     for splits train, val and test (CLASS_SPLIT_SIZES per class); ``synthetic-captions``:
-    ``<root>/test.jsonl`` with rows ``{"image": "images/00000.png", "captions": [5 strings]}``.
+    ``<root>/test.jsonl`` with rows ``{"image": "images/00000.png", "captions": [5 strings]}``;
+    ``synthetic-composition``: ``<root>/test.jsonl`` with rows ``{"image": ..., "captions": [caption],
+    "negatives": [negative caption]}``.
 
     Atomic and idempotent: the data are written into a temporary directory beside ``root`` that is
     renamed to ``root`` when complete (a marker file records completion), so a crash never leaves a
@@ -373,7 +411,8 @@ def materialize(name: str, root: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=root.parent))
     try:
         log.info("Generating synthetic data set %s into %s", name, root)
-        counts = _write_retrieval(tmp) if name == "synthetic-captions" else _write_classification(name, tmp)
+        writer = _WRITERS.get(name)
+        counts = writer(tmp) if writer is not None else _write_classification(name, tmp)
         marker = {"name": name, "generator_version": GENERATOR_VERSION, "seed": WORLD_SEED, "counts": counts}
         (tmp / _MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
         try:

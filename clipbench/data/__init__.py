@@ -81,18 +81,20 @@ def load_split(
 
 def _refuse_empty_captions(spec: "DatasetSpec", role: str, samples: Samples) -> None:
     """An empty (or blank) caption would be scored as a retrieval query, and an image without one
-    can never be retrieved; whatever the format, such data is refused."""
-    if samples.captions is None:
-        return
-    bad = [i for i, captions in enumerate(samples.captions) if not captions or any(not c.strip() for c in captions)]
-    if not bad:
-        return
-    ids = ", ".join(samples.id_of(i) for i in bad[:10])
-    raise ClipbenchError(
-        f"{spec.name}/{role}: {len(bad)} image(s) have an empty caption or none ({samples.description}): "
-        f"{ids}{' ...' if len(bad) > 10 else ''}. An empty caption would be scored as a retrieval "
-        "query; fill in or remove those captions (or the images' rows)."
-    )
+    can never be retrieved; an image of caption-set data without a negative cannot be scored.
+    Whatever the format, such data is refused."""
+    for texts, kind in ((samples.captions, "caption"), (samples.negatives, "negative caption")):
+        if texts is None:
+            continue
+        bad = [i for i, items in enumerate(texts) if not items or any(not c.strip() for c in items)]
+        if not bad:
+            continue
+        ids = ", ".join(samples.id_of(i) for i in bad[:10])
+        raise ClipbenchError(
+            f"{spec.name}/{role}: {len(bad)} image(s) have an empty {kind} or none ({samples.description}): "
+            f"{ids}{' ...' if len(bad) > 10 else ''}. An empty {kind} would be scored as a text of the "
+            f"image; fill in or remove those {kind}s (or the images' rows)."
+        )
 
 
 def _subsample(spec: "DatasetSpec", role: str, samples: Samples) -> Samples:

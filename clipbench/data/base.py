@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -23,7 +24,11 @@ class Samples:
 
     Exactly one of ``targets`` / ``captions`` is set:
       - ``targets``: ``(N,)`` int64 class indices, or ``(N, C)`` uint8 for multi-label data;
-      - ``captions``: ``N`` lists of caption strings (retrieval); the target of item i is i.
+      - ``captions``: ``N`` lists of caption strings (retrieval, caption sets); the target of item i is i.
+    Caption-set data (caption selection, Winoground) also set ``negatives``: ``N`` lists of negative
+    captions, texts that do not describe the image; and, where images are scored jointly,
+    ``examples``: ``N`` example ids (Winoground: the two images of one example share one, image 0
+    first).
     ``load_image(i)`` returns the i-th image; it must be picklable for DataLoader workers.
     ``groups``: ``(N,)`` int64 group label of each sample (a metadata column the spec names,
     ``source.group_column``: region, income group), or None; worst-group metrics read it.
@@ -37,6 +42,8 @@ class Samples:
     targets: np.ndarray | None = None
     captions: list[list[str]] | None = None
     ids: Sequence[str] | None = None
+    negatives: list[list[str]] | None = None
+    examples: Sequence[str] | None = None
     description: str = ""
     fingerprint: Callable[[], str] | None = None
     groups: np.ndarray | None = None
@@ -64,6 +71,8 @@ class Samples:
             targets=self.targets[indices] if self.targets is not None else None,
             captions=[self.captions[i] for i in indices] if self.captions is not None else None,
             ids=[self.ids[i] for i in indices] if self.ids is not None else None,
+            negatives=[self.negatives[i] for i in indices] if self.negatives is not None else None,
+            examples=[self.examples[i] for i in indices] if self.examples is not None else None,
             description=description or self.description,
             fingerprint=self.fingerprint,
             groups=self.groups[indices] if self.groups is not None else None,
@@ -78,8 +87,8 @@ class Samples:
         return h.hexdigest()[:16]
 
     def listing_digest(self, captions: bool = True) -> str:
-        """Digest of the sample ids and targets (or captions, unless ``captions=False``), not of
-        the stored bytes."""
+        """Digest of the sample ids and targets (or captions and negatives, unless
+        ``captions=False``; examples), not of the stored bytes."""
         h = hashlib.sha256(str(self.size).encode())
         if self.ids is not None:
             h.update("\n".join(map(str, self.ids)).encode())
@@ -89,6 +98,10 @@ class Samples:
             h.update("\x1f".join("\x1e".join(c) for c in self.captions).encode())
         if self.groups is not None:  # only then: the digests of ungrouped splits are unchanged
             h.update(b"groups" + np.ascontiguousarray(self.groups, dtype=np.int64).tobytes())
+        if captions and self.negatives is not None:  # absent for other data, so their digests are unchanged
+            h.update(b"negatives\x1d" + "\x1f".join("\x1e".join(c) for c in self.negatives).encode())
+        if self.examples is not None:
+            h.update(b"examples\x1d" + "\x1f".join(map(str, self.examples)).encode())
         return h.hexdigest()[:16]
 
 
@@ -137,6 +150,90 @@ class FileStats:
                 lines.append(f"{name}\0{stat}")
             self._value = hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest()
         return self._value
+
+
+def text_list(value: Any) -> list[str]:
+    """A table cell as a list of texts: a list, a JSON list in a string, or one string."""
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text)
+                if isinstance(parsed, list):
+                    return [str(v) for v in parsed]
+            except json.JSONDecodeError:
+                pass
+        return [value]
+    raise ClipbenchError(f"caption value {value!r} is neither a string nor a list of strings")
+
+
+@dataclass(frozen=True)
+class CaptionSetRows:
+    """Rows of caption-set data laid out as samples (what :func:`caption_set_rows` returns).
+
+    images: per sample, (row index, image column) to read its image from.
+    """
+
+    images: list[tuple[int, str]]
+    captions: list[list[str]]
+    negatives: list[list[str]]
+    ids: list[str]
+    examples: list[str] | None
+
+
+def caption_set_rows(rows: Sequence[Any], row_ids: Sequence[str], *, image_column: str, caption_column: str,
+                     negative_column: str | None, image_columns: Sequence[str], caption_columns: Sequence[str],
+                     where: str) -> CaptionSetRows:
+    """Caption-set samples from table rows (mappings), shared by the table and Hugging Face formats.
+
+    Two layouts:
+
+    - one image per row (SugarCrepe): ``image_column``, its captions in ``caption_column`` and its
+      negatives in ``negative_column`` (each a string or a list); a sample per row, id = the row id;
+    - paired rows (Winoground): ``image_columns`` [image_0, image_1, ...] and ``caption_columns``
+      [caption_0, caption_1, ...]; caption j describes image j and is a negative of every other
+      image of the row (plus ``negative_column``'s texts, when set). A row is one example: a sample
+      per image, in column order, id ``<row id>/<j>``, example id = the row id.
+
+    Raises:
+        ClipbenchError: a named column is missing, or the column lists differ in length.
+    """
+    paired = bool(image_columns or caption_columns)
+    if paired and (len(image_columns) != len(caption_columns) or len(image_columns) < 2):
+        raise ClipbenchError(
+            f"{where}: source.image_columns {list(image_columns)} and source.caption_columns "
+            f"{list(caption_columns)} must list the same number (two or more) of columns: caption j "
+            "describes image j. Fix them in the spec.")
+    needed = [*image_columns, *caption_columns] if paired else [image_column, caption_column]
+    needed += [negative_column] if negative_column else []
+    if not paired and not negative_column:
+        raise ClipbenchError(f"{where}: caption-set data need negative captions: set source.negative_column "
+                             "(one image per row) or source.image_columns and source.caption_columns "
+                             "(paired rows, Winoground) in the spec.")
+    columns = set(rows[0]) if rows else set()
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise ClipbenchError(f"{where} lacks column(s) {missing}; it has {sorted(columns)}. Fix the "
+                             "spec's source.*_column(s) fields.")
+    out = CaptionSetRows([], [], [], [], [] if paired else None)
+    for r, (row, row_id) in enumerate(zip(rows, row_ids)):
+        extra = text_list(row[negative_column]) if negative_column else []
+        if not paired:
+            out.images.append((r, image_column))
+            out.captions.append(text_list(row[caption_column]))
+            out.negatives.append(extra)
+            out.ids.append(str(row_id))
+            continue
+        texts = [str(row[c]) for c in caption_columns]
+        for j, column in enumerate(image_columns):
+            out.images.append((r, column))
+            out.captions.append([texts[j]])
+            out.negatives.append([t for k, t in enumerate(texts) if k != j] + extra)
+            out.ids.append(f"{row_id}/{j}")
+            out.examples.append(str(row_id))
+    return out
 
 
 def class_key(name: str) -> str:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipbench.data.base import FileStats, Samples, to_rgb
+from clipbench.data.base import FileStats, Samples, caption_set_rows, to_rgb
 from clipbench.data.formats import SourceFormat, register_format
 from clipbench.errors import ClipbenchError
 
@@ -26,6 +26,9 @@ class HuggingFaceOptions:
     image_column: str | None = None    # None: the first column of the `Image` feature type
     label_column: str | None = None    # classification
     caption_column: str | None = None  # retrieval: a string (one caption per line) or a list
+    negative_column: str | None = None  # caption sets: a row's negative captions (string or list)
+    image_columns: tuple[str, ...] = ()    # caption sets in paired rows (Winoground): image j ...
+    caption_columns: tuple[str, ...] = ()  # ... is described by caption j
 
 
 @register_format
@@ -53,6 +56,8 @@ class HuggingFaceFormat(SourceFormat):
             if reason:
                 raise self.missing(spec, role, data_root, reason)
             dataset = open_hub(spec.source.path, split, options.config, data_root / "hf-cache")
+        if spec.has_caption_sets:
+            return caption_sets_from_dataset(dataset, options, description=f"{spec.name}:{split}")
         return samples_from_dataset(
             dataset,
             image_column=options.image_column,
@@ -73,6 +78,19 @@ class HFImageLoader:
 
     def __call__(self, i: int):
         return to_rgb(self.dataset[int(i)][self.column])
+
+
+class HFCellLoader:
+    """``loader(i)`` decodes the image in cell ``cells[i]`` = (row, column): paired rows hold
+    several images (picklable for DataLoader workers)."""
+
+    def __init__(self, dataset: Any, cells: list[tuple[int, str]]):
+        self.dataset = dataset
+        self.cells = cells
+
+    def __call__(self, i: int):
+        row, column = self.cells[int(i)]
+        return to_rgb(self.dataset[row][column])
 
 
 class HFFingerprint:
@@ -173,3 +191,31 @@ def samples_from_dataset(
         targets = np.asarray(raw, dtype=np.int64)
     return Samples(loader, len(dataset), targets=targets, ids=[str(i) for i in range(len(dataset))],
                    description=description, fingerprint=fingerprint)
+
+
+def caption_sets_from_dataset(dataset: Any, options: HuggingFaceOptions, *, description: str) -> Samples:
+    """Caption-set samples of an HF ``Dataset``, laid out by :func:`clipbench.data.base.caption_set_rows`
+    (Winoground: ``image_columns: [image_0, image_1]``, ``caption_columns: [caption_0, caption_1]``);
+    text columns are read column-wise and images decoded only when loaded."""
+    paired = bool(options.image_columns or options.caption_columns)
+    image_column = None if paired else options.image_column or _guess_image_column(dataset)
+    images = list(options.image_columns) if paired else [image_column]
+    if not paired and not options.caption_column:
+        raise ClipbenchError(f"{description}: set source.caption_column (each row's caption) and "
+                             "source.negative_column, or source.image_columns and source.caption_columns "
+                             "(paired rows), in the spec.")
+    texts = [*options.caption_columns] if paired else [options.caption_column]
+    texts += [options.negative_column] if options.negative_column else []
+    missing = [c for c in images + texts if c not in dataset.features]
+    if missing:
+        raise ClipbenchError(f"Column(s) {missing} are not in {description} (columns: {list(dataset.features)}). "
+                             "Fix source.*_column(s) in the spec.")
+    columns = {c: dataset[c] for c in texts}
+    rows = [{**{c: columns[c][i] for c in texts}, **dict.fromkeys(images)} for i in range(len(dataset))]
+    ids = [str(v) for v in dataset["id"]] if "id" in dataset.features else [str(i) for i in range(len(dataset))]
+    laid = caption_set_rows(rows, ids, image_column=image_column or "", caption_column=options.caption_column or "",
+                            negative_column=options.negative_column, image_columns=options.image_columns,
+                            caption_columns=options.caption_columns, where=description)
+    return Samples(HFCellLoader(dataset, laid.images), len(laid.images), captions=laid.captions,
+                   negatives=laid.negatives, examples=laid.examples, ids=laid.ids, description=description,
+                   fingerprint=HFFingerprint(dataset))

@@ -33,6 +33,8 @@ class SyntheticFormat(SourceFormat):
 
         # returns at once when complete; rebuilds data written by an older generator version
         root = synthetic.materialize(spec.name, data_root / spec.name)
+        if spec.has_caption_sets:
+            return TableFormat.read(spec, role, root, TableOptions(negative_column="negatives"))
         if spec.is_retrieval:
             return TableFormat.read(spec, role, root, TableOptions())
         return ImageFolderFormat.read(spec, role, root, ImageFolderOptions())

@@ -1,8 +1,12 @@
 """Storage format ``table``: an image table: a CSV or JSONL file with an image path column and labels or captions.
 
-Rows name an image path relative to the table file. Retrieval tables give one or more captions per
-image: a caption column holding a list (JSONL, or a JSON list in a CSV cell) or a string; rows that
-repeat an image path add captions to that image (first-appearance order is kept).
+Rows name an image path relative to the table file (or to ``image_root`` beside it). Retrieval
+tables give one or more captions per image: a caption column holding a list (JSONL, or a JSON list
+in a CSV cell) or a string; rows that repeat an image path add captions to that image
+(first-appearance order is kept). Caption-set tables (caption selection, Winoground) are read row
+by row, as :func:`clipbench.data.base.caption_set_rows` lays them out. A ``.json`` file holding one
+object whose values are row objects (SugarCrepe's annotation files) is read as those rows, each
+named by its key.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipbench.data.base import FileImageLoader, FileStats, Samples
+from clipbench.data.base import FileImageLoader, FileStats, Samples, caption_set_rows, text_list
 from clipbench.data.formats import SourceFormat, register_format
 from clipbench.errors import ClipbenchError
 
@@ -27,7 +31,11 @@ if TYPE_CHECKING:
 class TableOptions:
     image_column: str = "image"       # image path, relative to the table file
     label_column: str = "label"       # classification: a class index (multi-label: a list of them)
-    caption_column: str = "captions"  # retrieval: a string or a list of strings
+    caption_column: str = "captions"  # retrieval, caption sets: a string or a list of strings
+    image_root: str = ""              # folder the image paths are relative to, relative to the table
+    negative_column: str | None = None  # caption sets: a row's negative captions (string or list)
+    image_columns: tuple[str, ...] = ()    # caption sets in paired rows (Winoground): image j ...
+    caption_columns: tuple[str, ...] = ()  # ... is described by caption j
 
 
 @register_format
@@ -42,6 +50,8 @@ class TableFormat(SourceFormat):
     @staticmethod
     def read(spec: "DatasetSpec", role: str, root: Path, options: TableOptions) -> Samples:
         """The split (a table file under ``root``) as labels or captions (also used for generated data)."""
+        if spec.has_caption_sets:
+            return load_caption_set_table(root / str(spec.split(role)), options)
         return load_table(
             root / str(spec.split(role)),
             image_column=options.image_column,
@@ -53,6 +63,23 @@ class TableFormat(SourceFormat):
 
 
 def _read_rows(path: Path) -> list[dict]:
+    return _read_keyed_rows(path)[0]
+
+
+def _read_keyed_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows of a table file and their ids: a keyed ``.json`` object's keys, else row numbers."""
+    if path.suffix.lower() == ".json":
+        try:
+            whole = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            whole = None  # JSON lines under a .json name
+        if isinstance(whole, dict) and whole and all(isinstance(v, dict) for v in whole.values()):
+            return list(whole.values()), [str(k) for k in whole]
+    rows = _read_plain_rows(path)
+    return rows, [str(i) for i in range(len(rows))]
+
+
+def _read_plain_rows(path: Path) -> list[dict]:
     if path.suffix.lower() in (".jsonl", ".json"):
         rows = []
         with path.open(encoding="utf-8") as f:
@@ -67,22 +94,6 @@ def _read_rows(path: Path) -> list[dict]:
         with path.open(encoding="utf-8", newline="") as f:
             return list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
     raise ClipbenchError(f"Unsupported table format {path.suffix} for {path}: use .csv, .tsv or .jsonl.")
-
-
-def _captions_of(value) -> list[str]:
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                parsed = json.loads(text)
-                if isinstance(parsed, list):
-                    return [str(v) for v in parsed]
-            except json.JSONDecodeError:
-                pass
-        return [value]
-    raise ClipbenchError(f"caption value {value!r} is neither a string nor a list of strings")
 
 
 def load_table(
@@ -117,7 +128,7 @@ def load_table(
     if caption_column:
         order: dict[str, list[str]] = {}
         for row in rows:
-            order.setdefault(str(row[image_column]), []).extend(_captions_of(row[caption_column]))
+            order.setdefault(str(row[image_column]), []).extend(text_list(row[caption_column]))
         names = list(order)
         return Samples(
             load_image=FileImageLoader([base / n for n in names]),
@@ -149,4 +160,29 @@ def load_table(
         ids=names,
         description=f"table {table}",
         fingerprint=FileStats([base / n for n in names], relative_to=base),
+    )
+
+
+def load_caption_set_table(table: Path, options: TableOptions) -> Samples:
+    """A caption-set table (module docstring): a sample per row, or per image of a paired row."""
+    if not table.is_file():
+        raise ClipbenchError(f"Table file {table} does not exist.")
+    rows, row_ids = _read_keyed_rows(table)
+    if not rows:
+        raise ClipbenchError(f"Table {table} has no rows.")
+    laid = caption_set_rows(rows, row_ids, image_column=options.image_column,
+                            caption_column=options.caption_column, negative_column=options.negative_column,
+                            image_columns=options.image_columns, caption_columns=options.caption_columns,
+                            where=f"Table {table}")
+    base = table.parent / options.image_root
+    paths = [base / str(rows[r][column]) for r, column in laid.images]
+    return Samples(
+        load_image=FileImageLoader(paths),
+        size=len(paths),
+        captions=laid.captions,
+        negatives=laid.negatives,
+        examples=laid.examples,
+        ids=laid.ids,
+        description=f"table {table}",
+        fingerprint=FileStats(sorted(set(paths)), relative_to=base),
     )

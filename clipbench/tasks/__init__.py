@@ -14,7 +14,7 @@ import importlib
 from clipbench.tasks.base import Task, TaskInputs, TaskNeeds, TaskOutput
 
 __all__ = ["Task", "TaskInputs", "TaskNeeds", "TaskOutput", "register_task", "get_task", "task_names",
-           "all_tasks", "spec_task_names", "close_task_names", "builtin_task_names"]
+           "all_tasks", "spec_task_names", "close_task_names", "builtin_task_names", "CAPTION_SET_METRICS"]
 
 # name -> (module defining ``TASK``, its ``spec_task``): imported lazily, because some pull in
 # torch or scikit-learn and spec validation needs only the spec task names
@@ -24,6 +24,14 @@ _BUILTIN = {
     "few_shot": ("clipbench.tasks.few_shot", "linear_probe"),
     "retrieval": ("clipbench.tasks.retrieval", "retrieval"),
     "prompt_study": ("clipbench.tasks.prompt_study", "zeroshot"),
+    "caption_selection": ("clipbench.tasks.caption_selection", "caption_selection"),
+    "winoground": ("clipbench.tasks.winoground", "winoground"),
+}
+#: spec task kinds whose data are caption sets (each image with its captions and negative
+#: captions, not labels), and the metrics each one's tasks record (a spec's primary_metric is one)
+CAPTION_SET_METRICS: dict[str, tuple[str, ...]] = {
+    "caption_selection": ("accuracy",),
+    "winoground": ("group_score", "text_score", "image_score"),
 }
 #: built-in tasks a run computes only when `--tasks` names them (the embedded default skips them)
 OPT_IN = ("prompt_study",)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 #: What a task may ask for as text input.
-TEXT_KINDS = (None, "class_prompts", "captions")
+TEXT_KINDS = (None, "class_prompts", "captions", "caption_sets")
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,8 @@ class TaskNeeds:
     roles: image-feature splits by role (``train``/``val``/``test``); a role the spec does not
         define is left out of :attr:`TaskInputs.images` (``val``: carve it from ``train``).
     text: ``"class_prompts"`` (every template filled with every class name, encoded),
-        ``"captions"`` (every caption of the test images, encoded) or None.
+        ``"captions"`` (every caption of the test images, encoded), ``"caption_sets"`` (every
+        test image's captions and negative captions, encoded) or None.
     """
 
     roles: tuple[str, ...] = ("test",)
@@ -68,6 +69,23 @@ class Captions:
 
 
 @dataclass(frozen=True)
+class CaptionSets:
+    """Caption-selection text input (images scored against their captions and negative captions).
+
+    features: (M, D) features of every test image's captions then its negatives, image by image.
+    owner: (M,) the index of each text's image.
+    positive: (M,) bool, True for a caption of its image, False for a negative.
+    examples: (N,) the example each test image belongs to (images scored jointly, e.g. the two
+        images of a Winoground example, in example order), or None when every image stands alone.
+    """
+
+    features: np.ndarray
+    owner: np.ndarray
+    positive: np.ndarray
+    examples: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class TaskInputs:
     """Everything a task computes from. ``spec`` is the dataset spec (data: metric, classes, ...);
     ``settings`` is the task's own :meth:`Task.settings` of the run. ``device`` (torch math) and
@@ -78,6 +96,7 @@ class TaskInputs:
     images: dict[str, FeatureSplit]
     class_prompts: ClassPrompts | None = None
     captions: Captions | None = None
+    caption_sets: CaptionSets | None = None
     device: str = "cpu"
     jobs: int = 1
 
