@@ -138,6 +138,10 @@ class RunConfig:
     #: Pillow's decompression-bomb guard (``PIL.Image.MAX_IMAGE_PIXELS``, which refuses an image of
     #: more than twice this many pixels); None keeps Pillow's own default, 0 removes the limit
     max_image_pixels: int | None = None
+    #: how images become model input (clipbench/decode.py): "pil" decodes with Pillow and applies
+    #: the model's own transform in the DataLoader workers; "torchvision" decodes JPEGs with
+    #: torchvision.io on the model's device and resizes there (slightly other pixels)
+    decode: str = "pil"
 
     @classmethod
     def default(cls, name: str) -> Any:
@@ -210,6 +214,10 @@ class RunConfig:
             ("--on-bad-image", self.on_bad_image, self.on_bad_image in BAD_IMAGE_POLICIES,
              f"one of {', '.join(BAD_IMAGE_POLICIES)}"),
         ]
+        from clipbench.decode import decoder_names
+
+        checks.append(("--decode", self.decode, self.decode in decoder_names(),
+                       f"one of {', '.join(decoder_names())}"))
         if self.max_image_pixels is not None:
             checks.append(("--max-image-pixels", self.max_image_pixels, self.max_image_pixels >= 0,
                            "a pixel count >= 0 (0: no limit)"))

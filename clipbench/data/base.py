@@ -25,6 +25,9 @@ class Samples:
       - ``targets``: ``(N,)`` int64 class indices, or ``(N, C)`` uint8 for multi-label data;
       - ``captions``: ``N`` lists of caption strings (retrieval); the target of item i is i.
     ``load_image(i)`` returns the i-th image; it must be picklable for DataLoader workers.
+    ``load_bytes(i)``, when the format stores each image as an encoded file (JPEG, PNG, ...), returns
+    those bytes, for decoders that decode on their own (``--decode torchvision``); None: the format
+    has no such bytes (decoded arrays, video frames) and every image is read with ``load_image``.
     ``ids`` are stable per-sample identifiers (file names, row ids) used in sidecars and digests.
     ``fingerprint()`` is a digest of the stored bytes behind the split (see :class:`FileStats`),
     set by the storage format; it is computed on first use and shared by subsets.
@@ -37,6 +40,7 @@ class Samples:
     ids: Sequence[str] | None = None
     description: str = ""
     fingerprint: Callable[[], str] | None = None
+    load_bytes: Callable[[int], bytes] | None = None
 
     def __len__(self) -> int:
         return self.size
@@ -63,6 +67,7 @@ class Samples:
             ids=[self.ids[i] for i in indices] if self.ids is not None else None,
             description=description or self.description,
             fingerprint=self.fingerprint,
+            load_bytes=_IndexedLoader(self.load_bytes, indices) if self.load_bytes is not None else None,
         )
 
     def content_digest(self) -> str:
@@ -138,11 +143,11 @@ def class_key(name: str) -> str:
 
 
 class _IndexedLoader:
-    def __init__(self, load: Callable[[int], Image.Image], indices: np.ndarray):
+    def __init__(self, load: Callable[[int], Any], indices: np.ndarray):
         self.load = load
         self.indices = indices
 
-    def __call__(self, i: int) -> Image.Image:
+    def __call__(self, i: int) -> Any:
         return self.load(int(self.indices[i]))
 
 
@@ -155,6 +160,11 @@ class FileImageLoader:
     def __call__(self, i: int) -> Image.Image:
         with Image.open(self.paths[i]) as img:
             return to_rgb(img)
+
+    def read_bytes(self, i: int) -> bytes:
+        """The file of image ``i`` as stored (``Samples.load_bytes``)."""
+        with open(self.paths[i], "rb") as f:
+            return f.read()
 
 
 #: 16-bit grayscale modes (PNG, TIFF)
