@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from clipbench.features import DEFAULT_DECODE, ChunkPlan, EncodedImages, FeatureCache, encode_shared_batches, image_cache_key, write_chunk
+from clipbench.features import (DEFAULT_DECODE, ChunkPlan, EncodedImages, FeatureCache, encode_shared_batches,
+                                image_cache_key, write_chunk)
 
 log = logging.getLogger(__name__)
 
