@@ -173,3 +173,78 @@ def test_cli_flag_reaches_the_config():
     args = build_parser().parse_args(["run", "--decode", "torchvision"])
     assert config_from_args(args).decode == "torchvision"
     assert config_from_args(build_parser().parse_args(["run"])).decode == RunConfig.default("decode") == "pil"
+
+
+def _jpeg_spec(tmp_path, n_per_class=1):
+    import yaml
+
+    from clipbench import synthetic
+
+    root = tmp_path / "jpegs"
+    for index, shape, example in synthetic.class_examples("synthetic-shapes", "test", n_per_class):
+        (root / "test" / shape).mkdir(parents=True, exist_ok=True)
+        example.image.resize((96, 72), Image.BICUBIC).save(root / "test" / shape / f"{index}.jpg", quality=90)
+    base = specs_select("synthetic-shapes")
+    path = tmp_path / "shapes-jpeg.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "shapes-jpeg", "title": "t", "tasks": ["zeroshot"], "primary_metric": "accuracy",
+        "num_classes": 6, "source": {"type": "imagefolder", "path": str(root)}, "splits": {"test": "test"},
+        "classnames": list(base.classnames), "templates": list(base.templates)}))
+    return path
+
+
+def specs_select(name):
+    from clipbench import specs
+
+    return specs.select([name])[0]
+
+
+def test_a_run_records_its_decode_and_refuses_models_it_cannot_serve(tmp_path, monkeypatch):
+    from clipbench import models
+    from clipbench.pipeline import run
+
+    spec = _jpeg_spec(tmp_path)
+    base = dict(datasets=[str(spec)], tasks=["zeroshot"], cache_dir=tmp_path / "cache", data_root=tmp_path / "data",
+                workers=0, n_bootstrap=10, device="cpu")
+    outcome = run(RunConfig(**base, output=tmp_path / "tv", decode="torchvision"))
+    assert not outcome.failures
+    (record,) = outcome.records
+    assert record.config["decode"] == "torchvision" and record.n_samples == 6
+
+    real = models.load_model
+
+    def odd_preprocess(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.preprocess = T.Compose([T.RandomResizedCrop(64), T.ToTensor(), T.Normalize(MEAN, STD)])
+        return model
+
+    monkeypatch.setattr(models, "load_model", odd_preprocess)
+    refused = run(RunConfig(**base, output=tmp_path / "odd", decode="torchvision"))
+    assert not refused.records and [(f.dataset, f.task) for f in refused.failures] == [("*", "load")]
+    assert "clipbench-tiny" in refused.failures[0].message and "--decode pil" in refused.failures[0].message
+
+
+def test_webdataset_members_are_served_as_bytes(tmp_path):
+    import tarfile
+
+    from clipbench.data.webdataset import load_webdataset
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "test").mkdir()
+    blobs = []
+    with tarfile.open(tmp_path / "test" / "0.tar", "w") as tar:
+        for i in range(3):
+            buf = io.BytesIO()
+            _photo(rng).save(buf, "JPEG", quality=90)
+            blobs.append(buf.getvalue())
+            for name, data in ((f"{i:03d}.jpg", blobs[-1]), (f"{i:03d}.cls", b"%d" % (i % 2))):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    samples = load_webdataset(tmp_path, "test", num_classes=2, multilabel=False, label_column="cls",
+                              caption_column=None)
+    assert [samples.load_bytes(i) for i in range(3)] == blobs
+    model = _Model()
+    pil, _, _ = _pixels("pil", model, samples)
+    tv, _, _ = _pixels("torchvision", model, samples)
+    assert ((tv - pil) * torch.tensor(STD)[:, None, None] * 255).abs().max() <= 1.0 + 1e-4

@@ -206,7 +206,7 @@ class ShardImageLoader:
         if len(data) != size:
             raise OSError(f"member '{self.names[i]}' of {path} is cut short (the shard changed after it was "
                           "indexed): rerun, or re-download the shard")
-        return decode_image(data)
+        return data
 
 
 def decode_image(data: bytes) -> Image.Image:
