@@ -13,8 +13,8 @@ half-width, per-image top-1 agreement, mean |pixel difference| of the model inpu
 units, and both decode paths' throughput (images/s of reading + decoding + transforming, no model,
 side by side in one run on the same files).
 
-    python benchmarks/decode_agreement.py                          # CPU
-    python benchmarks/decode_agreement.py --device cuda --workers 8 --batch-size 256   # GPU decode
+    PYTHONPATH=$PWD python benchmarks/decode_agreement.py          # CPU (about 6 min on 2 shared cores)
+    PYTHONPATH=$PWD python benchmarks/decode_agreement.py --device cuda --workers 8 --batch-size 256  # GPU
 """
 
 from __future__ import annotations
