@@ -116,6 +116,11 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-image-pixels", type=int, default=default("max_image_pixels"), metavar="N",
                      help="decompression-bomb guard: images over 2*N pixels are refused as unreadable "
                           "(default: Pillow's own limit; 0: no limit)")
+    run.add_argument("--decode", default=default("decode"), metavar="{pil,torchvision}",
+                     help="pil (default): Pillow decodes and the model's transform runs in the loader "
+                          "workers; torchvision: JPEGs decoded by torchvision.io and resized, cropped and "
+                          "normalized on the model's device (GPU decode on CUDA; other images decoded by "
+                          "Pillow; slightly other pixels, so other cache entries and records)")
 
     ds = sub.add_parser("datasets", help="list dataset specs and whether their data is present")
     ds.add_argument("--json", action="store_true", help="machine-readable output")
@@ -176,7 +181,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         few_shot_k=args.few_shot or RunConfig.default("few_shot_k"),
         few_shot_seeds=args.few_shot_seeds, recall_k=args.recall_k, n_bootstrap=args.bootstrap,
         templates_file=args.templates, classnames_file=args.classnames, on_bad_image=args.on_bad_image,
-        max_image_pixels=args.max_image_pixels, shared_decode=args.shared_decode,
+        max_image_pixels=args.max_image_pixels, shared_decode=args.shared_decode, decode=args.decode,
         languages=[t for item in args.languages for t in _csv_list(item)] if args.languages else None,
     )
 

@@ -173,6 +173,10 @@ class RunConfig:
     #: the text languages to evaluate (``--language``): each dataset runs once per language of these
     #: that its spec offers; None: each dataset in its own language, as before languages existed
     languages: list[str] | None = None
+    #: how images become model input (clipbench/decode.py): "pil" decodes with Pillow and applies
+    #: the model's own transform in the DataLoader workers; "torchvision" decodes JPEGs with
+    #: torchvision.io on the model's device and resizes there (slightly other pixels)
+    decode: str = "pil"
 
     @classmethod
     def default(cls, name: str) -> Any:
@@ -251,6 +255,10 @@ class RunConfig:
             ("--on-bad-image", self.on_bad_image, self.on_bad_image in BAD_IMAGE_POLICIES,
              f"one of {', '.join(BAD_IMAGE_POLICIES)}"),
         ]
+        from clipbench.decode import decoder_names
+
+        checks.append(("--decode", self.decode, self.decode in decoder_names(),
+                       f"one of {', '.join(decoder_names())}"))
         if self.max_image_pixels is not None:
             checks.append(("--max-image-pixels", self.max_image_pixels, self.max_image_pixels >= 0,
                            "a pixel count >= 0 (0: no limit)"))

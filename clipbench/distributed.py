@@ -239,7 +239,7 @@ class DistContext:
     # -- rank 0 -----------------------------------------------------------------------------
     def encode(self, model: Any, samples: Any, *, spec: Any, role: str, batch_size: int = 256,
                workers: int = 4, desc: str = "images", max_image_pixels: int | None = None,
-               indices: range | None = None) -> EncodedImages:
+               indices: range | None = None, decode: str | None = None) -> EncodedImages:
         """Rank 0's image encoder (the ``encoder`` hook of :class:`clipbench.pipeline.Evaluator`):
         features of every readable sample of ``samples`` (or of the contiguous ``indices``, one
         chunk of a chunked extraction, which starts on a batch boundary), encoded by all ranks, in
@@ -249,18 +249,18 @@ class DistContext:
             :class:`clipbench.features.EncodedImages`, as :func:`clipbench.features.encode_image_batches`
             (the unreadable images of every shard in ``bad``).
         """
-        from clipbench.features import encode_image_batches
+        from clipbench.features import DEFAULT_DECODE, encode_image_batches
 
         if not self.distributed:
             return encode_image_batches(model, samples, indices=indices, batch_size=batch_size, workers=workers,
-                                        desc=desc, max_image_pixels=max_image_pixels)
+                                        desc=desc, max_image_pixels=max_image_pixels, decode=decode or DEFAULT_DECODE)
         span = range(len(samples)) if indices is None else indices
         if span.step != 1 or span.start % batch_size:
             raise ValueError(f"a distributed encode takes a contiguous range starting on a batch boundary, not {span}")
         request = {"op": "encode", "spec": spec, "role": role, "n": len(samples), "start": span.start,
                    "stop": span.stop,
                    "digest": samples.listing_digest(), "batch_size": batch_size, "workers": workers,
-                   "max_image_pixels": max_image_pixels}
+                   "max_image_pixels": max_image_pixels, "decode": decode or DEFAULT_DECODE}
         self._collective(f"sending the request for {spec.name}/{role}",
                          lambda: dist.broadcast_object_list([request], src=0, group=self._control))
         result = self._encode_shard(model, samples, request)
@@ -327,7 +327,7 @@ class DistContext:
     def _encode_shard(self, model: Any, samples: Any, request: dict, error: str | None = None
                       ) -> EncodedImages | None:
         """Encode this rank's shard and gather every shard to rank 0 (None elsewhere)."""
-        from clipbench.features import encode_image_batches
+        from clipbench.features import DEFAULT_DECODE, encode_image_batches
 
         spec, role = request["spec"], request["role"]
         start = request.get("start", 0)
@@ -340,7 +340,8 @@ class DistContext:
                 encoded = encode_image_batches(
                     model, samples, indices=shard, batch_size=request["batch_size"],
                     workers=request["workers"], desc=f"{spec.name}/{role} rank {self.rank}",
-                    max_image_pixels=request.get("max_image_pixels"))
+                    max_image_pixels=request.get("max_image_pixels"),
+                    decode=request.get("decode", DEFAULT_DECODE))
                 projected, pre, bad = encoded.projected, encoded.pre_projection, encoded.bad
             except Exception as exc:  # reported to rank 0, which fails this dataset
                 log.exception("rank %d: encoding %s/%s failed", self.rank, spec.name, role)

@@ -53,6 +53,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from clipbench.atomic import atomic_open
+from clipbench.config import RunConfig
 from clipbench.errors import ClipbenchError
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ CHUNK_IMAGES = 50_000
 #: Arrays of a cache entry this large or larger are memory-mapped on load; smaller ones are read
 #: (each map holds a file descriptor, so the many small arrays are not mapped).
 MMAP_MIN_BYTES = 1 << 20
+#: ``--decode``: how images become model input (clipbench/decode.py)
+DEFAULT_DECODE = RunConfig.default("decode")
 #: Alignment of array data inside the archives written here (numpy's own .npy data alignment).
 _ALIGN = 64
 #: Zip extra-field id of the padding that aligns a member's data (Android's zipalign uses it;
@@ -284,7 +287,7 @@ def _entry_problem(arrays: dict[str, np.ndarray], expected: Mapping[str, tuple[i
 
 
 def image_cache_key(model: Any, spec: Any, role: str, samples: Any,
-                    max_image_pixels: int | None = None) -> dict[str, Any]:
+                    max_image_pixels: int | None = None, decode: str = DEFAULT_DECODE) -> dict[str, Any]:
     """Everything that changes a split's image features (:meth:`FeatureCache.digest` of it is the
     entry's key)."""
     parts = {
@@ -303,6 +306,9 @@ def image_cache_key(model: Any, spec: Any, role: str, samples: Any,
         # which images decode depends on the limit; the default adds no key part, so the keys of
         # entries made under Pillow's default limit stay what they were
         parts["max_image_pixels"] = max_image_pixels
+    if decode != DEFAULT_DECODE:
+        # another decoder gives other pixels (clipbench/decode.py); likewise only off the default
+        parts["decode"] = decode
     return parts
 
 
@@ -370,6 +376,7 @@ def encode_image_batches(
     workers: int = 4,
     desc: str = "images",
     max_image_pixels: int | None = None,
+    decode: str = DEFAULT_DECODE,
 ) -> EncodedImages:
     """Encode ``samples[indices]`` (default: all) in order; unreadable images are left out and
     reported in :attr:`EncodedImages.bad` (by sample index) with the reason.
@@ -377,7 +384,7 @@ def encode_image_batches(
     Batches are those of ``indices`` (``[0, b)``, ``[b, 2b)``, ...) less their unreadable images.
     """
     return encode_shared_batches([model], samples, indices=indices, batch_size=batch_size, workers=workers,
-                                 desc=desc, max_image_pixels=max_image_pixels)[0]
+                                 desc=desc, max_image_pixels=max_image_pixels, decode=decode)[0]
 
 
 def encode_shared_batches(
@@ -389,22 +396,27 @@ def encode_shared_batches(
     workers: int = 4,
     desc: str = "images",
     max_image_pixels: int | None = None,
+    decode: str = DEFAULT_DECODE,
 ) -> list[EncodedImages]:
     """:func:`encode_image_batches` for several models on one device with the same preprocessing:
     each image is read and transformed once (with ``models[0].preprocess``) and every batch goes
     through every model, so each model gets exactly the rows (and batches) it gets alone.
 
     :attr:`EncodedImages.seconds` of each: its own forward passes plus an equal share of the
-    reading, decoding and transforming (the time spent waiting for batches).
+    reading, decoding and transforming (the time spent waiting for batches, and ``decode``'s work
+    on the device: :mod:`clipbench.decode`).
     """
+    from clipbench.decode import decoder_for
+
     indices = list(range(len(samples))) if indices is None else list(indices)
     device = torch.device(models[0].device)
+    decoder = decoder_for(decode, models[0])
     loader = DataLoader(
-        _PreprocessedImages(samples, models[0].preprocess, indices, max_image_pixels),
+        decoder.dataset(samples, indices, max_image_pixels),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=decoder.collate,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
@@ -415,11 +427,11 @@ def encode_shared_batches(
     bad: dict[int, str] = {}
     start = time.perf_counter()
     with torch.inference_mode():
-        for pixels, _, bad_here in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+        for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None):
+            pixels, _, bad_here = decoder.pixels(batch, device)
             bad.update({indices[position]: reason for position, reason in bad_here.items()})
             if pixels is None:
                 continue
-            pixels = pixels.to(device, non_blocking=True)
             for i, model in enumerate(models):
                 began = time.perf_counter()
                 with model.autocast():
@@ -554,6 +566,7 @@ def image_features(
     on_bad_image: str = "fail",
     max_image_pixels: int | None = None,
     chunk_images: int = CHUNK_IMAGES,
+    decode: str = DEFAULT_DECODE,
 ) -> ImageFeatures:
     """Image features of one split, from the cache or computed (and cached).
 
@@ -563,12 +576,13 @@ def image_features(
     A split of more than one chunk (:class:`ChunkPlan` of ``chunk_images``) is encoded chunk by
     chunk, resuming at the chunks a killed run left undone; ``encoder`` is then called with
     ``indices=range(start, stop)`` per chunk. Features of a chunked split are memory-mapped.
+    ``decode`` names the :mod:`clipbench.decode` decoder (a cache-key part off the default).
 
     Raises:
         BadImagesError: ``on_bad_image="fail"`` and some images cannot be read (also on a cache
             hit: the entry remembers them).
     """
-    parts = image_cache_key(model, spec, role, samples, max_image_pixels)
+    parts = image_cache_key(model, spec, role, samples, max_image_pixels, decode)
     key = FeatureCache.digest(parts)
     kind = getattr(model, "pre_projection_kind", "before_projection")
     # rows: the split's readable images (``kept``), checked against the split by _kept_of
@@ -584,7 +598,7 @@ def image_features(
     else:
         start = time.perf_counter()
         base = functools.partial(encoder or encode_image_batches, model, samples, batch_size=batch_size,
-                                 workers=workers, max_image_pixels=max_image_pixels)
+                                 workers=workers, max_image_pixels=max_image_pixels, decode=decode)
         overcharged: list[float] = []  # per encoder call: its wall time less what it charges this model
 
         def encode(**kwargs: Any) -> EncodedImages:

@@ -139,7 +139,8 @@ class Evaluator:
                                    encoder=functools.partial(self.encoder, spec=spec, role=role)
                                    if self.encoder is not None else None,
                                    on_bad_image=self.config.on_bad_image,
-                                   max_image_pixels=self.config.max_image_pixels)
+                                   max_image_pixels=self.config.max_image_pixels,
+                                   decode=self.config.decode)
             if feats.kept is not None:  # --on-bad-image skip left samples out: the split is the rest
                 samples = samples.subset(feats.kept)
             self._current[key] = (feats, samples)
@@ -226,6 +227,8 @@ class Evaluator:
             # digests of records made before the option existed stay valid
             settings["on_bad_image"] = self.config.on_bad_image
             settings["max_image_pixels"] = self.config.max_image_pixels
+        if self.config.decode != RunConfig.default("decode"):
+            settings["decode"] = self.config.decode  # other pixels; likewise only off the default
         if task.needs(spec).text == "class_prompts":
             classnames, templates, _ = prompts_for(spec, self.config, Path(self.config.data_root))
             settings["prompts_digest"] = _digest([classnames, templates])
@@ -321,8 +324,9 @@ class Evaluator:
             split="test", metrics=output.metrics, primary_metric=output.primary_metric or spec.primary_metric,
             n_samples=output.n_samples, skipped=list(skipped),
             confidence_intervals={k: list(v) for k, v in output.confidence_intervals.items()},
-            details=output.details, config={**output.config, **settings, **self._language_entry(spec),
-                                            "model": self.model.describe()},
+            details=output.details,
+            config={**output.config, **settings, **self._language_entry(spec), "decode": self.config.decode,
+                    "model": self.model.describe()},
             versions=self.versions,
             seconds=seconds,
         )
@@ -453,6 +457,16 @@ def _load_model(choice: ModelChoice, config: RunConfig, dist_ctx: Any, outcome: 
             log.debug("%s: loading failed here", choice.label, exc_info=True)  # -vv
         return None
     dist_ctx.check_same_model(model)
+    if config.decode != RunConfig.default("decode"):
+        from clipbench.decode import decoder_for
+
+        try:  # a preprocessing the decoder cannot reproduce: this model fails before any data is read
+            decoder_for(config.decode, model)
+        except ClipbenchError as exc:
+            if dist_ctx.is_main:
+                outcome.failures.append(Failure("*", "load", str(exc), choice.label))
+                log.error("%s: %s", choice.label, exc)
+            return None
     return model
 
 

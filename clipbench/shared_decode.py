@@ -28,7 +28,15 @@ from typing import Any
 
 import torch
 
-from clipbench.features import ChunkPlan, EncodedImages, FeatureCache, encode_shared_batches, image_cache_key, write_chunk
+from clipbench.features import (
+    DEFAULT_DECODE,
+    ChunkPlan,
+    EncodedImages,
+    FeatureCache,
+    encode_shared_batches,
+    image_cache_key,
+    write_chunk,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +104,11 @@ class SharedDecoder:
         return functools.partial(self._encode, index)
 
     def _needs(self, j: int, spec: Any, role: str, samples: Any, request: tuple, batch_size: int,
-               max_image_pixels: int | None, chunk: range | None) -> bool:
+               max_image_pixels: int | None, chunk: range | None, decode: str) -> bool:
         """Whether model ``j`` will ask for what ``request`` names and has it neither held nor on disk."""
         if role not in self._wanted.get(j, ()) or (j, request) in self._held:
             return False
-        key = FeatureCache.digest(image_cache_key(self.models[j], spec, role, samples, max_image_pixels))
+        key = FeatureCache.digest(image_cache_key(self.models[j], spec, role, samples, max_image_pixels, decode))
         if self.cache.has("image", key):
             return False
         return chunk is None or not self._chunk_path(key, len(samples), batch_size, chunk).is_file()
@@ -110,22 +118,22 @@ class SharedDecoder:
 
     def _encode(self, index: int, model: Any, samples: Any, *, spec: Any, role: str, batch_size: int,
                 workers: int, desc: str, max_image_pixels: int | None = None,
-                indices: range | None = None) -> EncodedImages:
+                indices: range | None = None, decode: str = DEFAULT_DECODE) -> EncodedImages:
         request = (spec.name, role, None if indices is None else (indices.start, indices.stop))
         held = self._held.pop((index, request), None)
         if held is not None:
             return held
         partners = [j for j in range(len(self.models)) if j != index
-                    and self._needs(j, spec, role, samples, request, batch_size, max_image_pixels, indices)]
+                    and self._needs(j, spec, role, samples, request, batch_size, max_image_pixels, indices, decode)]
         if partners:
             log.info("%s: decoding once for %d models", desc, 1 + len(partners))
         encoded = encode_shared_batches([model, *(self.models[j] for j in partners)], samples, indices=indices,
                                         batch_size=batch_size, workers=workers, desc=desc,
-                                        max_image_pixels=max_image_pixels)
+                                        max_image_pixels=max_image_pixels, decode=decode)
         for j, theirs in zip(partners, encoded[1:]):
             if indices is None:
                 self._held[(j, request)] = theirs
             else:  # a chunk of a large split: on disk at once, where their own run looks for it
-                key = FeatureCache.digest(image_cache_key(self.models[j], spec, role, samples, max_image_pixels))
+                key = FeatureCache.digest(image_cache_key(self.models[j], spec, role, samples, max_image_pixels, decode))
                 write_chunk(self._chunk_path(key, len(samples), batch_size, indices), indices, theirs)
         return encoded[0]

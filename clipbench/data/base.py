@@ -32,6 +32,9 @@ class Samples:
     ``load_image(i)`` returns the i-th image; it must be picklable for DataLoader workers.
     ``groups``: ``(N,)`` int64 group label of each sample (a metadata column the spec names,
     ``source.group_column``: region, income group), or None; worst-group metrics read it.
+    ``load_bytes(i)``, when the format stores each image as an encoded file (JPEG, PNG, ...), returns
+    those bytes, for decoders that decode on their own (``--decode torchvision``); None: the format
+    has no such bytes (decoded arrays, video frames) and every image is read with ``load_image``.
     ``ids`` are stable per-sample identifiers (file names, row ids) used in sidecars and digests.
     ``fingerprint()`` is a digest of the stored bytes behind the split (see :class:`FileStats`),
     set by the storage format; it is computed on first use and shared by subsets.
@@ -47,6 +50,7 @@ class Samples:
     description: str = ""
     fingerprint: Callable[[], str] | None = None
     groups: np.ndarray | None = None
+    load_bytes: Callable[[int], bytes] | None = None
 
     def __len__(self) -> int:
         return self.size
@@ -76,6 +80,7 @@ class Samples:
             description=description or self.description,
             fingerprint=self.fingerprint,
             groups=self.groups[indices] if self.groups is not None else None,
+            load_bytes=_IndexedLoader(self.load_bytes, indices) if self.load_bytes is not None else None,
         )
 
     def content_digest(self, captions: bool = True) -> str:
@@ -243,11 +248,11 @@ def class_key(name: str) -> str:
 
 
 class _IndexedLoader:
-    def __init__(self, load: Callable[[int], Image.Image], indices: np.ndarray):
+    def __init__(self, load: Callable[[int], Any], indices: np.ndarray):
         self.load = load
         self.indices = indices
 
-    def __call__(self, i: int) -> Image.Image:
+    def __call__(self, i: int) -> Any:
         return self.load(int(self.indices[i]))
 
 
@@ -260,6 +265,11 @@ class FileImageLoader:
     def __call__(self, i: int) -> Image.Image:
         with Image.open(self.paths[i]) as img:
             return to_rgb(img)
+
+    def read_bytes(self, i: int) -> bytes:
+        """The file of image ``i`` as stored (``Samples.load_bytes``)."""
+        with open(self.paths[i], "rb") as f:
+            return f.read()
 
 
 #: 16-bit grayscale modes (PNG, TIFF)

@@ -131,7 +131,8 @@ def load_imagefolder(
             "source.class_folders)."
         )
     return Samples(
-        load_image=FileImageLoader(paths),
+        load_image=(loader := FileImageLoader(paths)),
+        load_bytes=loader.read_bytes,
         size=len(paths),
         targets=np.asarray(labels, dtype=np.int64),
         ids=[str(p.relative_to(root)) for p in paths],

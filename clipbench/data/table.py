@@ -131,7 +131,8 @@ def load_table(
             order.setdefault(str(row[image_column]), []).extend(text_list(row[caption_column]))
         names = list(order)
         return Samples(
-            load_image=FileImageLoader([base / n for n in names]),
+            load_image=(loader := FileImageLoader([base / n for n in names])),
+            load_bytes=loader.read_bytes,
             size=len(names),
             captions=[order[n] for n in names],
             ids=names,
@@ -154,7 +155,8 @@ def load_table(
         kind = "lists of class indices" if multilabel else "integer class indices"
         raise ClipbenchError(f"Column '{label_column}' of {table} must hold {kind} below num_classes.") from None
     return Samples(
-        load_image=FileImageLoader([base / n for n in names]),
+        load_image=(loader := FileImageLoader([base / n for n in names])),
+        load_bytes=loader.read_bytes,
         size=len(names),
         targets=labels,
         ids=names,

@@ -133,7 +133,7 @@ def load_webdataset(root: Path, split: str, *, num_classes: int | None, multilab
     loader = ShardImageLoader([str(s) for s in shards], shard_of, offsets, sizes, names)
     n = len(names)
     common = dict(ids=[str(i) for i in range(n)], description=f"webdataset {root / split}",
-                  fingerprint=FileStats(shards, relative_to=root),
+                  fingerprint=FileStats(shards, relative_to=root), load_bytes=loader.read_bytes,
                   groups=np.asarray(groups, dtype=np.int64) if group_column else None)
     if caption_column:
         # clip_benchmark's mirrors store an image's captions in one text member, one per line
@@ -237,6 +237,10 @@ class ShardImageLoader:
         self.names = names
 
     def __call__(self, i: int) -> Image.Image:
+        return decode_image(self.read_bytes(i))
+
+    def read_bytes(self, i: int) -> bytes:
+        """Image ``i``'s member as stored in its shard (``Samples.load_bytes``)."""
         path = self.shards[self.shard_of[i]]
         size = int(self.sizes[i])
         with open(path, "rb") as f:
@@ -245,7 +249,7 @@ class ShardImageLoader:
         if len(data) != size:
             raise OSError(f"member '{self.names[i]}' of {path} is cut short (the shard changed after it was "
                           "indexed): rerun, or re-download the shard")
-        return decode_image(data)
+        return data
 
 
 def decode_image(data: bytes) -> Image.Image:
