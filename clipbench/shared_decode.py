@@ -89,10 +89,12 @@ class SharedDecoder:
         self.cache = cache
         self._wanted: dict[int, set[str]] = {}
         self._held: dict[tuple[int, tuple], EncodedImages] = {}
+        self._keys: dict[tuple, str] = {}
 
     def start_dataset(self, wanted: Mapping[int, Collection[str]]) -> None:
         self._wanted = {index: set(roles) for index, roles in wanted.items()}
         self._held = {}
+        self._keys = {}
 
     def finished(self, index: int) -> None:
         """Model ``index`` has run its tasks on the current dataset: it is fed nothing more."""
@@ -108,10 +110,19 @@ class SharedDecoder:
         """Whether model ``j`` will ask for what ``request`` names and has it neither held nor on disk."""
         if role not in self._wanted.get(j, ()) or (j, request) in self._held:
             return False
-        key = FeatureCache.digest(image_cache_key(self.models[j], spec, role, samples, max_image_pixels, decode))
+        key = self._key(j, spec, role, samples, max_image_pixels, decode)
         if self.cache.has("image", key):
             return False
         return chunk is None or not self._chunk_path(key, len(samples), batch_size, chunk).is_file()
+
+    def _key(self, j: int, spec: Any, role: str, samples: Any, max_image_pixels: int | None, decode: str) -> str:
+        """Model ``j``'s image cache key of the split, computed once per dataset (digesting a
+        split's listing is not free, and a chunked split asks once per chunk)."""
+        memo = (j, spec.name, role, max_image_pixels, decode)
+        if memo not in self._keys:
+            self._keys[memo] = FeatureCache.digest(
+                image_cache_key(self.models[j], spec, role, samples, max_image_pixels, decode))
+        return self._keys[memo]
 
     def _chunk_path(self, key: str, n: int, batch_size: int, chunk: range) -> Path:
         return self.cache.chunk_dir("image", key) / ChunkPlan(n, batch_size).name(chunk)
@@ -134,6 +145,6 @@ class SharedDecoder:
             if indices is None:
                 self._held[(j, request)] = theirs
             else:  # a chunk of a large split: on disk at once, where their own run looks for it
-                key = FeatureCache.digest(image_cache_key(self.models[j], spec, role, samples, max_image_pixels, decode))
+                key = self._key(j, spec, role, samples, max_image_pixels, decode)
                 write_chunk(self._chunk_path(key, len(samples), batch_size, indices), indices, theirs)
         return encoded[0]

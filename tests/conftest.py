@@ -195,3 +195,24 @@ def spec_file(imagefolder_root, tmp_path) -> Path:
     path = tmp_path / "colours.yaml"
     path.write_text(COLOURS_SPEC.format(root=imagefolder_root))
     return path
+
+
+def watch_model_loads(monkeypatch) -> tuple[list[int], list]:
+    """Wrap ``clipbench.models.load_model``: returns (how many earlier-loaded models are still
+    alive at each load, weak references to every model loaded)."""
+    import weakref
+
+    from clipbench import models
+
+    loaded: list[weakref.ref] = []
+    alive_at_load: list[int] = []
+    real_load = models.load_model
+
+    def load_and_watch(*args, **kwargs):
+        alive_at_load.append(sum(ref() is not None for ref in loaded))
+        model = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(models, "load_model", load_and_watch)
+    return alive_at_load, loaded

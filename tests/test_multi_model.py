@@ -9,7 +9,6 @@ embedded tiny CLIP with its trained weights (``synthetic``) and with random weig
 from __future__ import annotations
 
 import json
-import weakref
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from clipbench.cli import _build_parser, config_from_args, main
 from clipbench.config import ModelChoice, RunConfig, read_models_file
 from clipbench.errors import ClipbenchError
 
-from conftest import COLOURS_SPEC, write_imagefolder
+from conftest import COLOURS_SPEC, watch_model_loads, write_imagefolder
 
 TINY = "clipbench-tiny"
 MISSING = "/nonexistent/clipbench-weights.pt"
@@ -163,20 +162,9 @@ def test_each_model_of_one_run_gets_the_records_of_its_own_run(combined, colours
 @pytest.mark.slow
 def test_a_model_that_fails_to_load_is_a_failure_and_models_are_resident_one_at_a_time(
         colours, tmp_path, monkeypatch):
-    from clipbench import models
     from clipbench.pipeline import Failure, run
 
-    loaded: list[weakref.ref] = []
-    alive_at_load: list[int] = []
-    real_load = models.load_model
-
-    def load_and_watch(*args, **kwargs):
-        alive_at_load.append(sum(ref() is not None for ref in loaded))
-        model = real_load(*args, **kwargs)
-        loaded.append(weakref.ref(model))
-        return model
-
-    monkeypatch.setattr(models, "load_model", load_and_watch)
+    alive_at_load, loaded = watch_model_loads(monkeypatch)
     config = RunConfig(models=[ModelChoice(TINY, MISSING), ModelChoice(TINY, "synthetic"), ModelChoice(TINY, "none")],
                        datasets=[str(colours)], tasks=["zeroshot"], output=tmp_path / "out",
                        cache_dir=tmp_path / "cache", device="cpu", precision="fp32", workers=0, batch_size=8,

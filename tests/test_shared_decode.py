@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +24,7 @@ from clipbench.pipeline import run
 from clipbench.shared_decode import SharedDecoder, model_bytes, room_for_another, same_preprocessing
 from clipbench.specs import load_spec
 
-from conftest import COLOURS_SPEC, write_imagefolder
+from conftest import COLOURS_SPEC, watch_model_loads, write_imagefolder
 
 TINY = "clipbench-tiny"
 FAST = ["--tasks", "zeroshot,linear_probe", "--device", "cpu", "--precision", "fp32", "--workers", "0",
@@ -111,22 +110,6 @@ def test_a_model_whose_records_exist_is_not_fed_and_the_other_encodes_alone(colo
     assert len(list((tmp_path / "c2" / "features" / "image").rglob("*.npz"))) == 2  # the new model's splits
 
 
-def _watch_loads(monkeypatch) -> list[int]:
-    """How many earlier-loaded models are still alive at each load."""
-    loaded: list[weakref.ref] = []
-    alive_at_load: list[int] = []
-    real_load = models.load_model
-
-    def load_and_watch(*args, **kwargs):
-        alive_at_load.append(sum(ref() is not None for ref in loaded))
-        model = real_load(*args, **kwargs)
-        loaded.append(weakref.ref(model))
-        return model
-
-    monkeypatch.setattr(models, "load_model", load_and_watch)
-    return alive_at_load
-
-
 @pytest.mark.parametrize("memory, shared, alive", [
     ((20 << 30, 24 << 30), True, [0, 1, 2]),  # room: all three together
     ((1 << 30, 24 << 30), True, [0, 0, 0]),  # a full device: one at a time
@@ -134,7 +117,7 @@ def _watch_loads(monkeypatch) -> list[int]:
 ])
 def test_models_are_kept_together_only_while_the_device_has_room(colours, tmp_path, monkeypatch, memory,
                                                                  shared, alive):
-    alive_at_load = _watch_loads(monkeypatch)
+    alive_at_load, _ = watch_model_loads(monkeypatch)
     monkeypatch.setattr(shared_decode, "device_memory", lambda device: memory)
     checkpoint = tmp_path / "tiny-other.pt"
     other = models.load_model(TINY, "none", device="cpu", precision="fp32", cache_dir=tmp_path / "w")
