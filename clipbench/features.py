@@ -38,7 +38,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
+import signal
 import struct
 import time
 import zipfile
@@ -367,6 +369,21 @@ def _collate(batch: list[tuple[Any, int, str | None]]) -> tuple[torch.Tensor | N
     return pixels, [position for _, position in good], bad
 
 
+def die_with_parent(parent: int, worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: on Linux, the kernel kills this worker when the process that
+    started it dies (``PR_SET_PDEATHSIG``), however it dies. torch's own check only runs between
+    batches and can miss a parent killed while a worker waits on a full result queue."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux/glibc: torch's own parent check remains
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(0)
+
+
 def encode_image_batches(
     model: Any,
     samples: Any,
@@ -420,6 +437,7 @@ def encode_shared_batches(
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()),
     )
     projected: list[list[np.ndarray]] = [[] for _ in models]
     pre: list[list[np.ndarray]] = [[] for _ in models]
