@@ -31,7 +31,14 @@ import pandas as pd
 from clipbench import metrics
 from clipbench.errors import ClipbenchError
 from clipbench.render import ReportTable
-from clipbench.sidecars import RANK_METRICS, SampleOutputs, read_sample_outputs, sidecar_path, target_ranks
+from clipbench.sidecars import (
+    RANK_METRICS,
+    SampleOutputs,
+    read_sample_outputs,
+    selection_values,
+    sidecar_path,
+    target_ranks,
+)
 
 
 @dataclass(frozen=True)
@@ -139,12 +146,15 @@ def paired_samples(a: SampleOutputs, b: SampleOutputs, metric: str) -> PairedSam
         if metric not in names:
             raise ValueError(f"{metric!r} is not among these records' metrics {names}")
         column = names.index(metric)
-
-        def correct(outputs: SampleOutputs) -> dict[str, np.ndarray]:
-            return {"value": outputs.arrays["correct"][:, column].astype(np.float64)}
-
-        return PairedSamples(metric, correct(a), correct(b), {"units": np.ones(len(a.ids))},
-                             _mean_statistic("value"), "value")
+        values_a, values_b = selection_values(a)[:, column], selection_values(b)[:, column]
+        counted = ~np.isnan(values_a)  # the metric's subset of units (association: by candidate count)
+        if not np.array_equal(counted, ~np.isnan(values_b)):
+            raise ValueError(f"the two records count different units for {metric!r}; they were computed on "
+                             "different test sets")
+        binary = "value" if "correct" in a.arrays and "correct" in b.arrays else None
+        return PairedSamples(metric, {"value": np.where(counted, values_a, 0.0)},
+                             {"value": np.where(counted, values_b, 0.0)}, {"units": counted.astype(np.float64)},
+                             _ratio_statistic("value", "units"), binary)
     targets = a.arrays["targets"].astype(np.int64)
     if metric in RANK_METRICS and ("target_rank" in a.arrays or "top_classes" in a.arrays):
         def units(outputs: SampleOutputs) -> dict[str, np.ndarray]:

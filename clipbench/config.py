@@ -19,9 +19,10 @@ from clipbench.paths import default_cache_dir, default_data_root
 EMBEDDED_MODEL = "clipbench-tiny"
 EMBEDDED_PRETRAINED = "synthetic"
 EMBEDDED_DATASETS = ("default",)
-#: Tasks and datasets of a run with a user-chosen model.
+#: Tasks and datasets of a run with a user-chosen model. The caption-set tasks apply only to their
+#: own datasets (SugarCrepe, Winoground, WinoGAViL), so `--datasets sugar_crepe` runs them unasked.
 MODEL_DATASETS = ("paper", "retrieval")
-MODEL_TASKS = ("zeroshot", "linear_probe", "retrieval")
+MODEL_TASKS = ("zeroshot", "linear_probe", "retrieval", "caption_selection", "winoground", "association")
 PRECISIONS = ("fp32", "fp16", "bf16", "amp")
 DEVICES = ("auto", "cpu", "cuda")
 PROBE_SOLVERS = ("sklearn", "torch")

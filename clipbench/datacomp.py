@@ -89,9 +89,8 @@ TASKS: tuple[DataCompTask, ...] = (
                  "mean_recall@1", "mean_recall@1"),
     DataCompTask("retrieval/mscoco_2014_5k_test_image_text_retrieval", "MSCOCO", "mscoco", "retrieval",
                  "mean_recall@1", "mean_recall@1"),
-    # WinoGAViL: a cue against 5-12 candidate images, scored by the Jaccard index of the top
-    # |associations| images; clipbench's samples (one image, labels or captions) cannot express it
-    DataCompTask("misc/winogavil", "WinoGAViL", None, "winogavil", "jaccard_score_10-12", "jaccard_score_10-12"),
+    DataCompTask("misc/winogavil", "WinoGAViL", "winogavil", "association", "jaccard_score_10-12",
+                 "jaccard_score_10-12"),
     _zs("wilds/iwildcam", "iWildCam", "iwildcam", "macro_f1", "F1-macro_all"),
     _zs("wilds/camelyon17", "Camelyon17", "camelyon17"),
     _zs("wilds/fmow", "FMoW", "fmow", "worst_group_accuracy", "acc_worst_region"),
@@ -198,8 +197,7 @@ def datacomp_table(df: pd.DataFrame) -> ReportTable | None:
     notes.append("DataComp (mlfoundations/datacomp aggregate_scores.py): unweighted means of each task's main "
                  "metric (tasklist.yml: acc1, or mean_per_class_recall, mean_recall@1, F1-macro_all, "
                  "acc_worst_region, acc_top5_wg, acc_wg, jaccard_score_10-12), percent; records of "
-                 "--protocol datacomp only (fp32 without autocast, DataComp's data copies and prompts). "
-                 "WinoGAViL has no clipbench spec, so no model has all 38 from clipbench alone.")
+                 "--protocol datacomp only (fp32 without autocast, DataComp's data copies and prompts).")
     others = other_protocol_records(df)
     if others:
         notes.append(f"{others} records of these datasets were made under another protocol and are not "

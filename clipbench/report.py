@@ -50,6 +50,7 @@ from clipbench.render import (
     render_tables,
 )
 from clipbench.results import load_records, records_frame, safe_name
+from clipbench.tasks import CAPTION_SET_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ PAPER_PROTOCOLS = {
 }
 #: caption-set tasks: one table each of the primary metric per dataset and the group means
 #: (SugarCrepe's mean over its seven subsets is the ``mean (sugar_crepe)`` column)
-SELECTION_TASKS = ("caption_selection", "winoground")
+SELECTION_TASKS = tuple(CAPTION_SET_METRICS)
 
 
 def task_title(name: str) -> str:

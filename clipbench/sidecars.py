@@ -14,9 +14,11 @@ summary metrics are recomputed from them exactly (:func:`recompute_metrics`). Co
   float64 for a binary metric;
 * retrieval: ``text_to_image_rank`` (n_captions,), ``image_to_text_rank`` (n_images,; -1 for an
   image without captions) and ``caption_image`` (n_captions,), the image of each caption;
-* selection (caption selection, Winoground): ``correct`` (N, S) uint8, 1 where unit i is right by
-  metric ``meta["metrics"][j]``; a unit is a test image, or a Winoground example (its ids are then
-  the example ids).
+* selection (caption selection, Winoground, association): ``correct`` (N, S) uint8, 1 where unit i
+  is right by metric ``meta["metrics"][j]``, or, for scores that are not 0/1 (association's
+  Jaccard indices), ``values`` (N, S) float64, NaN where unit i is outside metric j's subset of
+  units; each metric is the mean of its column (NaN left out). A unit is a test image, or an
+  example (Winoground, association: its ids are then the example ids).
 
 Every file also holds ``ids`` (N,) the test split's sample ids (UTF-8) and ``meta``, a JSON
 string: format version, task kind, metric names. ImageNet's 50,000 test images take about
@@ -186,14 +188,26 @@ def retrieval_outputs(text_to_image_rank: np.ndarray, image_to_text_rank: np.nda
     return PerSample("retrieval", arrays, {"primary_metric": primary_metric, "recall_k": [int(k) for k in recall_k]})
 
 
-def selection_outputs(correct: dict[str, np.ndarray], primary_metric: str,
+def selection_outputs(values: dict[str, np.ndarray], primary_metric: str,
                       ids: Sequence[str] | None = None) -> PerSample:
-    """A selection record's per-unit correctness: ``correct[name]`` (N,) bool per metric, whose
-    mean is that metric; ``ids`` when the units are not the test images."""
-    names = list(correct)
-    stacked = np.stack([np.asarray(correct[n], dtype=bool) for n in names], axis=1).astype(np.uint8)
-    return PerSample("selection", {"correct": stacked}, {"primary_metric": primary_metric, "metrics": names},
-                     tuple(ids) if ids is not None else None)
+    """A selection record's per-unit values: ``values[name]`` (N,) per metric, whose mean is that
+    metric: bool correctness (kept as ``correct``), or float scores with NaN for units outside the
+    metric's subset (kept as ``values``); ``ids`` when the units are not the test images."""
+    names = list(values)
+    meta = {"primary_metric": primary_metric, "metrics": names}
+    ids = tuple(ids) if ids is not None else None
+    if all(np.asarray(values[n]).dtype == bool for n in names):
+        stacked = np.stack([np.asarray(values[n]) for n in names], axis=1).astype(np.uint8)
+        return PerSample("selection", {"correct": stacked}, meta, ids)
+    stacked = np.stack([np.asarray(values[n], dtype=np.float64) for n in names], axis=1)
+    return PerSample("selection", {"values": stacked}, meta, ids)
+
+
+def selection_values(outputs: "SampleOutputs") -> np.ndarray:
+    """(N, S) float64 per-unit values of a selection sidecar (0/1 correctness, or scores with NaN
+    outside a metric's subset)."""
+    arrays = outputs.arrays
+    return arrays["values"] if "values" in arrays else arrays["correct"].astype(np.float64)
 
 
 # --------------------------------------------------------------------------- files
@@ -282,7 +296,8 @@ def recompute_metrics(outputs: SampleOutputs) -> dict[str, float]:
             retrieval_metrics_from_ranks(arrays["text_to_image_rank"], arrays["image_to_text_rank"],
                                          meta["recall_k"]), meta["recall_k"])
     if outputs.kind == "selection":
-        return {name: float(np.mean(arrays["correct"][:, j])) for j, name in enumerate(meta["metrics"])}
+        values = selection_values(outputs)
+        return {name: float(np.nanmean(values[:, j])) for j, name in enumerate(meta["metrics"])}
     if outputs.kind == "few_shot":
         out = {}
         for i, k in enumerate(arrays["ks"]):

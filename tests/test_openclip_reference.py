@@ -31,6 +31,7 @@ DATASETS = {
     "voc2007": DatasetInfo("voc2007", "VOC2007", "map_11point", ("paper",)),
     "iwildcam": DatasetInfo("iwildcam", None, "macro_f1", ("datacomp",)),
     "flickr30k": DatasetInfo("flickr30k", None, "text_to_image_R@1", ("retrieval",)),
+    "winogavil": DatasetInfo("winogavil", None, "jaccard_score_10-12", ("datacomp",)),
 }
 
 
@@ -123,6 +124,8 @@ def markdown() -> str:
         rec("ViT-B-32", "openai", "flickr30k", "retrieval",
             {"image_to_text_R@1": 0.8, "text_to_image_R@1": 0.6, "text_to_image_R@5": 0.85}, "text_to_image_R@1"),
         rec("ViT-B-32", "openai", "imagenet", "linear_probe", {"accuracy": 0.76}, "accuracy"),
+        rec("ViT-B-32", "openai", "winogavil", "association",
+            {"jaccard_score_10-12": 0.4, "avg_jaccard_score": 0.5}, "jaccard_score_10-12"),
         rec("ViT-B/16", "openai", "imagenet", "zeroshot", {"accuracy": 0.68}, "accuracy", precision="amp"),
         rec("my-model", "none", "imagenet", "zeroshot", {"accuracy": 0.01}, "accuracy"),
         rec("my-model", "none", "flickr30k", "retrieval",
@@ -170,6 +173,14 @@ def test_retrieval_against_open_clip_uses_datacomps_mean_recall(markdown):
     assert diff["flickr30k text_to_image_R@5"] == f"{100 * (0.85 - image_r5):+.1f}"
     text_r1 = published("openclip_retrieval_results.csv", "ViT-B-32", "openai", "Flickr text retr. R@1")
     assert diff["flickr30k image_to_text_R@1"] == f"{100 * (0.8 - text_r1):+.1f}"
+
+
+def test_association_against_open_clip_uses_the_10_to_12_candidate_jaccard(markdown):
+    header, rows, _ = section(markdown, "Association (Jaccard) vs open_clip")
+    assert header[2:] == ["winogavil"]
+    wino = published("openclip_results.csv", "ViT-B-32", "openai", "WinoGAViL")
+    assert rows[("ViT-B-32 (openai)", "open_clip")]["winogavil"] == f"{100 * wino:.1f}"
+    assert rows[("ViT-B-32 (openai)", "diff vs open_clip")]["winogavil"] == f"{100 * (0.4 - wino):+.1f}"
 
 
 def test_alias_and_unknown_model(markdown):

@@ -79,14 +79,22 @@ def load_split(
     return _subsample(spec, role, samples)
 
 
+#: spec tasks whose caption-set images each carry one text, a caption or a negative (association:
+#: the cue), rather than both
+_ONE_TEXT_PER_IMAGE = ("association",)
+
+
 def _refuse_empty_captions(spec: "DatasetSpec", role: str, samples: Samples) -> None:
     """An empty (or blank) caption would be scored as a retrieval query, and an image without one
-    can never be retrieved; an image of caption-set data without a negative cannot be scored.
-    Whatever the format, such data is refused."""
+    can never be retrieved; an image of caption-set data without a negative cannot be scored
+    (association data: an image without its one text). Whatever the format, such data is refused."""
+    either = samples.negatives is not None and any(t in _ONE_TEXT_PER_IMAGE for t in spec.tasks)
     for texts, kind in ((samples.captions, "caption"), (samples.negatives, "negative caption")):
         if texts is None:
             continue
-        bad = [i for i, items in enumerate(texts) if not items or any(not c.strip() for c in items)]
+        other = samples.negatives if kind == "caption" else samples.captions
+        bad = [i for i, items in enumerate(texts) if (not items and not (either and other[i]))
+               or any(not c.strip() for c in items)]
         if not bad:
             continue
         ids = ", ".join(samples.id_of(i) for i in bad[:10])

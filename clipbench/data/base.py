@@ -25,10 +25,11 @@ class Samples:
     Exactly one of ``targets`` / ``captions`` is set:
       - ``targets``: ``(N,)`` int64 class indices, or ``(N, C)`` uint8 for multi-label data;
       - ``captions``: ``N`` lists of caption strings (retrieval, caption sets); the target of item i is i.
-    Caption-set data (caption selection, Winoground) also set ``negatives``: ``N`` lists of negative
-    captions, texts that do not describe the image; and, where images are scored jointly,
-    ``examples``: ``N`` example ids (Winoground: the two images of one example share one, image 0
-    first).
+    Caption-set data (caption selection, Winoground, WinoGAViL) also set ``negatives``: ``N`` lists
+    of negative captions, texts that do not describe the image; and, where images are scored
+    jointly, ``examples``: ``N`` example ids (Winoground: the two images of one example share one,
+    image 0 first; WinoGAViL: an example's candidate images, in order, each with the cue as its
+    caption if it is an association, else as its negative).
     ``load_image(i)`` returns the i-th image; it must be picklable for DataLoader workers.
     ``groups``: ``(N,)`` int64 group label of each sample (a metadata column the spec names,
     ``source.group_column``: region, income group), or None; worst-group metrics read it.
@@ -174,14 +175,76 @@ def text_list(value: Any) -> list[str]:
     raise ClipbenchError(f"caption value {value!r} is neither a string nor a list of strings")
 
 
+def indefinite_article(text: str) -> str:
+    """``"A <text>"`` or ``"An <text>"`` (text lower-cased; "An" before a, e, i, o, u): DataComp's
+    prompt for a WinoGAViL cue (``get_clip_prompt`` in its ``eval_utils/wino_eval.py``)."""
+    text = text.lower()
+    return f"An {text}" if text[:1] in ("a", "e", "i", "o", "u") else f"A {text}"
+
+
+#: ``source.caption_prompt``: how caption-set texts are turned into the prompts the text tower sees
+CAPTION_PROMPTS: dict[str, Callable[[str], str]] = {
+    "none": lambda text: text,
+    "indefinite_article": indefinite_article,
+}
+
+
+def caption_prompt(name: str | None, where: str) -> Callable[[str], str]:
+    """The :data:`CAPTION_PROMPTS` entry ``name`` (None: texts as stored).
+
+    Raises:
+        ClipbenchError: an unknown name; the message lists the known ones.
+    """
+    if name is None:
+        return CAPTION_PROMPTS["none"]
+    if name not in CAPTION_PROMPTS:
+        raise ClipbenchError(f"{where}: source.caption_prompt {name!r} is not one of {sorted(CAPTION_PROMPTS)}. "
+                             "Fix it in the spec.")
+    return CAPTION_PROMPTS[name]
+
+
+@dataclass(frozen=True)
+class CandidateColumns:
+    """Caption-set rows of one text against a set of candidate images (WinoGAViL).
+
+    candidates: the column of each row's candidates (a list: image paths in a table; names in a
+        Hugging Face row, whose images are in ``images``);
+    associations: the column listing the candidates the row's text describes;
+    images: the column of the candidate images (a list, parallel to ``candidates``), or None when
+        ``candidates`` are themselves the image paths.
+    """
+
+    candidates: str
+    associations: str
+    images: str | None = None
+
+
+def candidate_columns(options: Any, where: str) -> CandidateColumns | None:
+    """The candidate-rows columns a format's options name (``candidate_column``,
+    ``association_column``, ``candidate_image_column`` where the format has it), or None.
+
+    Raises:
+        ClipbenchError: one of candidate_column / association_column without the other.
+    """
+    candidates, associations = options.candidate_column, options.association_column
+    if candidates is None and associations is None:
+        return None
+    if candidates is None or associations is None:
+        raise ClipbenchError(f"{where}: source.candidate_column and source.association_column go together "
+                             "(each row's candidates and the ones its text describes); set both in the spec.")
+    return CandidateColumns(candidates, associations, getattr(options, "candidate_image_column", None))
+
+
 @dataclass(frozen=True)
 class CaptionSetRows:
     """Rows of caption-set data laid out as samples (what :func:`caption_set_rows` returns).
 
-    images: per sample, (row index, image column) to read its image from.
+    images: per sample, (row index, column, position) to read its image from: the cell
+        ``rows[row][column]``, or its ``position``-th element when the cell is a list (candidate
+        rows), else position None.
     """
 
-    images: list[tuple[int, str]]
+    images: list[tuple[int, str, int | None]]
     captions: list[list[str]]
     negatives: list[list[str]]
     ids: list[str]
@@ -190,21 +253,30 @@ class CaptionSetRows:
 
 def caption_set_rows(rows: Sequence[Any], row_ids: Sequence[str], *, image_column: str, caption_column: str,
                      negative_column: str | None, image_columns: Sequence[str], caption_columns: Sequence[str],
-                     where: str) -> CaptionSetRows:
+                     where: str, candidates: CandidateColumns | None = None,
+                     prompt: Callable[[str], str] = CAPTION_PROMPTS["none"]) -> CaptionSetRows:
     """Caption-set samples from table rows (mappings), shared by the table and Hugging Face formats.
+    ``prompt`` turns each stored text into the text encoded (:data:`CAPTION_PROMPTS`).
 
-    Two layouts:
+    Three layouts:
 
     - one image per row (SugarCrepe): ``image_column``, its captions in ``caption_column`` and its
       negatives in ``negative_column`` (each a string or a list); a sample per row, id = the row id;
     - paired rows (Winoground): ``image_columns`` [image_0, image_1, ...] and ``caption_columns``
       [caption_0, caption_1, ...]; caption j describes image j and is a negative of every other
       image of the row (plus ``negative_column``'s texts, when set). A row is one example: a sample
-      per image, in column order, id ``<row id>/<j>``, example id = the row id.
+      per image, in column order, id ``<row id>/<j>``, example id = the row id;
+    - candidate rows (WinoGAViL, ``candidates`` set): one text (``caption_column``, the cue) against
+      the row's candidate images; a sample per candidate, in order, id ``<row id>/<candidate>``,
+      example id = the row id; the text is the caption of each candidate listed in the
+      associations column and the negative of every other.
 
     Raises:
-        ClipbenchError: a named column is missing, or the column lists differ in length.
+        ClipbenchError: a named column is missing, the column lists differ in length, or a candidate
+            row's lists disagree (an association that is not a candidate, no association).
     """
+    if candidates is not None:
+        return _candidate_rows(rows, row_ids, caption_column, candidates, where, prompt)
     paired = bool(image_columns or caption_columns)
     if paired and (len(image_columns) != len(caption_columns) or len(image_columns) < 2):
         raise ClipbenchError(
@@ -224,19 +296,52 @@ def caption_set_rows(rows: Sequence[Any], row_ids: Sequence[str], *, image_colum
                              "spec's source.*_column(s) fields.")
     out = CaptionSetRows([], [], [], [], [] if paired else None)
     for r, (row, row_id) in enumerate(zip(rows, row_ids)):
-        extra = text_list(row[negative_column]) if negative_column else []
+        extra = [prompt(t) for t in text_list(row[negative_column])] if negative_column else []
         if not paired:
-            out.images.append((r, image_column))
-            out.captions.append(text_list(row[caption_column]))
+            out.images.append((r, image_column, None))
+            out.captions.append([prompt(t) for t in text_list(row[caption_column])])
             out.negatives.append(extra)
             out.ids.append(str(row_id))
             continue
-        texts = [str(row[c]) for c in caption_columns]
+        texts = [prompt(str(row[c])) for c in caption_columns]
         for j, column in enumerate(image_columns):
-            out.images.append((r, column))
+            out.images.append((r, column, None))
             out.captions.append([texts[j]])
             out.negatives.append([t for k, t in enumerate(texts) if k != j] + extra)
             out.ids.append(f"{row_id}/{j}")
+            out.examples.append(str(row_id))
+    return out
+
+
+def _candidate_rows(rows: Sequence[Any], row_ids: Sequence[str], cue_column: str, columns: CandidateColumns,
+                    where: str, prompt: Callable[[str], str]) -> CaptionSetRows:
+    """The candidate-rows layout of :func:`caption_set_rows`."""
+    needed = [cue_column, columns.candidates, columns.associations, *([columns.images] if columns.images else [])]
+    present = set(rows[0]) if rows else set()
+    missing = [c for c in needed if c not in present]
+    if missing:
+        raise ClipbenchError(f"{where} lacks column(s) {missing}; it has {sorted(present)}. Fix the spec's "
+                             "source.caption_column / candidate_column / association_column / "
+                             "candidate_image_column fields.")
+    out = CaptionSetRows([], [], [], [], [])
+    image_column = columns.images or columns.candidates
+    for r, (row, row_id) in enumerate(zip(rows, row_ids)):
+        names = text_list(row[columns.candidates])
+        associated = set(text_list(row[columns.associations]))
+        strays = sorted(associated - set(names))
+        if strays or not associated or len(set(names)) != len(names):
+            problem = (f"lists association(s) {strays} that are not among its candidates" if strays else
+                       "has no association" if not associated else "lists a candidate twice")
+            raise ClipbenchError(f"{where}: row {row_id!r} {problem} (candidates {names}). Each row needs "
+                                 "distinct candidates and one or more associations among them; fix the data "
+                                 "or the spec's source.candidate_column / association_column.")
+        cue = prompt(str(row[cue_column]))
+        for j, name in enumerate(names):
+            hit = name in associated
+            out.images.append((r, image_column, j))
+            out.captions.append([cue] if hit else [])
+            out.negatives.append([] if hit else [cue])
+            out.ids.append(f"{row_id}/{name}")
             out.examples.append(str(row_id))
     return out
 

@@ -189,7 +189,7 @@ class SourceFormat:
         status = self.status(spec, data_root)
         return ClipbenchError(
             f"Data for dataset '{spec.name}' (split '{role}') is not available locally and {reason}. "
-            f"Looked in: {status.location}. To get it: {status.how_to_get}."
+            f"Looked in: {status.location}. To get it: {status.how_to_get.rstrip('.')}."
         )
 
     def require_local(self, spec: "DatasetSpec", role: str, data_root: Path) -> Path:

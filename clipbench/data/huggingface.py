@@ -10,7 +10,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from clipbench.data.base import FileStats, Samples, caption_set_rows, to_rgb
+from clipbench.data.base import (
+    CandidateColumns,
+    CaptionSetRows,
+    FileStats,
+    Samples,
+    candidate_columns,
+    caption_prompt,
+    caption_set_rows,
+    to_rgb,
+)
 from clipbench.data.formats import SourceFormat, register_format
 from clipbench.errors import ClipbenchError
 
@@ -29,6 +38,10 @@ class HuggingFaceOptions:
     negative_column: str | None = None  # caption sets: a row's negative captions (string or list)
     image_columns: tuple[str, ...] = ()    # caption sets in paired rows (Winoground): image j ...
     caption_columns: tuple[str, ...] = ()  # ... is described by caption j
+    candidate_column: str | None = None    # caption sets of one text vs candidate images (WinoGAViL): names (list)
+    association_column: str | None = None  # ... the candidates the row's text (caption_column) describes (list)
+    candidate_image_column: str | None = None  # ... the candidate images (list, parallel to candidate_column)
+    caption_prompt: str | None = None      # caption sets: a CAPTION_PROMPTS name applied to every text [none]
 
 
 @register_format
@@ -81,16 +94,27 @@ class HFImageLoader:
 
 
 class HFCellLoader:
-    """``loader(i)`` decodes the image in cell ``cells[i]`` = (row, column): paired rows hold
-    several images (picklable for DataLoader workers)."""
+    """``loader(i)`` decodes the image in cell ``cells[i]`` = (row, column, position): paired rows
+    hold several image columns, candidate rows a list of images, whose ``position``-th element alone
+    is decoded (picklable for DataLoader workers)."""
 
-    def __init__(self, dataset: Any, cells: list[tuple[int, str]]):
+    def __init__(self, dataset: Any, cells: list[tuple[int, str, int | None]]):
         self.dataset = dataset
         self.cells = cells
+        self._lists: dict[str, Any] = {}
 
     def __call__(self, i: int):
-        row, column = self.cells[int(i)]
-        return to_rgb(self.dataset[row][column])
+        row, column, position = self.cells[int(i)]
+        if position is None:
+            return to_rgb(self.dataset[row][column])
+        if column not in self._lists:
+            # the column alone, undecoded: reading one candidate must not decode the row's others
+            self._lists[column] = self.dataset.select_columns([column]).with_format("arrow")
+        cell = self._lists[column][row].column(column)[0][position].as_py()
+        return to_rgb(cell)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_lists": {}}
 
 
 class HFFingerprint:
@@ -197,6 +221,9 @@ def caption_sets_from_dataset(dataset: Any, options: HuggingFaceOptions, *, desc
     """Caption-set samples of an HF ``Dataset``, laid out by :func:`clipbench.data.base.caption_set_rows`
     (Winoground: ``image_columns: [image_0, image_1]``, ``caption_columns: [caption_0, caption_1]``);
     text columns are read column-wise and images decoded only when loaded."""
+    candidates = candidate_columns(options, description)
+    if candidates is not None:
+        return _candidate_sets_from_dataset(dataset, options, candidates, description)
     paired = bool(options.image_columns or options.caption_columns)
     image_column = None if paired else options.image_column or _guess_image_column(dataset)
     images = list(options.image_columns) if paired else [image_column]
@@ -212,10 +239,42 @@ def caption_sets_from_dataset(dataset: Any, options: HuggingFaceOptions, *, desc
                              "Fix source.*_column(s) in the spec.")
     columns = {c: dataset[c] for c in texts}
     rows = [{**{c: columns[c][i] for c in texts}, **dict.fromkeys(images)} for i in range(len(dataset))]
-    ids = [str(v) for v in dataset["id"]] if "id" in dataset.features else [str(i) for i in range(len(dataset))]
-    laid = caption_set_rows(rows, ids, image_column=image_column or "", caption_column=options.caption_column or "",
+    laid = caption_set_rows(rows, _row_ids(dataset), image_column=image_column or "", caption_column=options.caption_column or "",
                             negative_column=options.negative_column, image_columns=options.image_columns,
-                            caption_columns=options.caption_columns, where=description)
+                            caption_columns=options.caption_columns, where=description,
+                            prompt=caption_prompt(options.caption_prompt, description))
+    return _caption_set_samples(dataset, laid, description)
+
+
+def _candidate_sets_from_dataset(dataset: Any, options: HuggingFaceOptions, candidates: CandidateColumns,
+                                 description: str) -> Samples:
+    """Candidate rows (WinoGAViL: ``cue``, ``candidates``, ``associations``, ``candidate_images``)."""
+    if candidates.images is None:
+        raise ClipbenchError(f"{description}: set source.candidate_image_column (the column of each row's "
+                             "candidate images, a list parallel to source.candidate_column) in the spec.")
+    texts = [options.caption_column or "", candidates.candidates, candidates.associations]
+    missing = [c for c in [*texts, candidates.images] if c not in dataset.features]
+    if missing:
+        raise ClipbenchError(f"Column(s) {missing} are not in {description} (columns: {list(dataset.features)}). "
+                             "Fix source.caption_column / candidate_column / association_column / "
+                             "candidate_image_column in the spec.")
+    columns = {c: dataset[c] for c in texts}
+    rows = [{**{c: columns[c][i] for c in texts}, candidates.images: None} for i in range(len(dataset))]
+    laid = caption_set_rows(rows, _row_ids(dataset), image_column="", caption_column=texts[0], negative_column=None,
+                            image_columns=(), caption_columns=(), where=description, candidates=candidates,
+                            prompt=caption_prompt(options.caption_prompt, description))
+    return _caption_set_samples(dataset, laid, description)
+
+
+def _row_ids(dataset: Any) -> list[str]:
+    """A row's id: its ``id`` (or ``ID``) column, else its index."""
+    for column in ("id", "ID"):
+        if column in dataset.features:
+            return [str(v) for v in dataset[column]]
+    return [str(i) for i in range(len(dataset))]
+
+
+def _caption_set_samples(dataset: Any, laid: CaptionSetRows, description: str) -> Samples:
     return Samples(HFCellLoader(dataset, laid.images), len(laid.images), captions=laid.captions,
                    negatives=laid.negatives, examples=laid.examples, ids=laid.ids, description=description,
                    fingerprint=HFFingerprint(dataset))

@@ -3,8 +3,8 @@
 Rows name an image path relative to the table file (or to ``image_root`` beside it). Retrieval
 tables give one or more captions per image: a caption column holding a list (JSONL, or a JSON list
 in a CSV cell) or a string; rows that repeat an image path add captions to that image
-(first-appearance order is kept). Caption-set tables (caption selection, Winoground) are read row
-by row, as :func:`clipbench.data.base.caption_set_rows` lays them out. A ``.json`` file holding one
+(first-appearance order is kept). Caption-set tables (caption selection, Winoground, WinoGAViL)
+are read row by row, as :func:`clipbench.data.base.caption_set_rows` lays them out. A ``.json`` file holding one
 object whose values are row objects (SugarCrepe's annotation files) is read as those rows, each
 named by its key.
 """
@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from clipbench.data.base import FileImageLoader, FileStats, Samples, caption_set_rows, text_list
+from clipbench.data.base import (
+    FileImageLoader,
+    FileStats,
+    Samples,
+    candidate_columns,
+    caption_prompt,
+    caption_set_rows,
+    text_list,
+)
 from clipbench.data.formats import SourceFormat, register_format
 from clipbench.errors import ClipbenchError
 
@@ -36,6 +44,9 @@ class TableOptions:
     negative_column: str | None = None  # caption sets: a row's negative captions (string or list)
     image_columns: tuple[str, ...] = ()    # caption sets in paired rows (Winoground): image j ...
     caption_columns: tuple[str, ...] = ()  # ... is described by caption j
+    candidate_column: str | None = None    # caption sets of one text vs candidate images (WinoGAViL): image paths (list)
+    association_column: str | None = None  # ... the candidates the row's text (caption_column) describes (list)
+    caption_prompt: str | None = None      # caption sets: a CAPTION_PROMPTS name applied to every text [none]
 
 
 @register_format
@@ -172,12 +183,15 @@ def load_caption_set_table(table: Path, options: TableOptions) -> Samples:
     rows, row_ids = _read_keyed_rows(table)
     if not rows:
         raise ClipbenchError(f"Table {table} has no rows.")
+    where = f"Table {table}"
     laid = caption_set_rows(rows, row_ids, image_column=options.image_column,
                             caption_column=options.caption_column, negative_column=options.negative_column,
                             image_columns=options.image_columns, caption_columns=options.caption_columns,
-                            where=f"Table {table}")
+                            where=where, candidates=candidate_columns(options, where),
+                            prompt=caption_prompt(options.caption_prompt, where))
     base = table.parent / options.image_root
-    paths = [base / str(rows[r][column]) for r, column in laid.images]
+    paths = [base / str(rows[r][column] if j is None else text_list(rows[r][column])[j])
+             for r, column, j in laid.images]
     return Samples(
         load_image=FileImageLoader(paths),
         size=len(paths),

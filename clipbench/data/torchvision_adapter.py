@@ -58,7 +58,7 @@ class TorchvisionFormat(SourceFormat):
         except RuntimeError as exc:
             raise ClipbenchError(
                 f"torchvision could not load '{spec.name}' from {tv_root}: {exc}. "
-                f"To get it: {self.how_to_get(spec, data_root)}."
+                f"To get it: {self.how_to_get(spec, data_root).rstrip('.')}."
             ) from None
 
 # Attribute names under which torchvision classes keep their labels, so targets are read without

@@ -26,12 +26,16 @@ _BUILTIN = {
     "prompt_study": ("clipbench.tasks.prompt_study", "zeroshot"),
     "caption_selection": ("clipbench.tasks.caption_selection", "caption_selection"),
     "winoground": ("clipbench.tasks.winoground", "winoground"),
+    "association": ("clipbench.tasks.association", "association"),
 }
 #: spec task kinds whose data are caption sets (each image with its captions and negative
-#: captions, not labels), and the metrics each one's tasks record (a spec's primary_metric is one)
+#: captions, not labels), and the metrics each one's tasks record (a spec's primary_metric is one);
+#: association's are DataComp's WinoGAViL metrics (:data:`clipbench.tasks.association.SUBSETS`)
 CAPTION_SET_METRICS: dict[str, tuple[str, ...]] = {
     "caption_selection": ("accuracy",),
     "winoground": ("group_score", "text_score", "image_score"),
+    "association": ("jaccard_score_10-12", "jaccard_score_5-6", "avg_jaccard_score", "jaccard_score_5",
+                    "jaccard_score_6", "jaccard_score_10", "jaccard_score_12"),
 }
 #: built-in tasks a run computes only when `--tasks` names them (the embedded default skips them)
 OPT_IN = ("prompt_study",)

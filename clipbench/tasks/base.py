@@ -147,3 +147,15 @@ class Task(Protocol):
 
     def run(self, inputs: TaskInputs) -> TaskOutput:
         """Compute the metrics (pure: arrays in, metrics out)."""
+
+
+class CaptionSetTask:
+    """What the caption-set tasks (caption selection, Winoground, association) share: they read
+    the test images with their captions and negatives, and their bootstrap intervals depend on
+    ``n_bootstrap`` and ``seed``. Subclasses set the :class:`Task` names and :meth:`run`."""
+
+    def needs(self, spec: Any) -> TaskNeeds:
+        return TaskNeeds(roles=("test",), text="caption_sets")
+
+    def settings(self, config: Any) -> dict[str, Any]:
+        return {"n_bootstrap": config.n_bootstrap, "seed": config.seed}

@@ -19,7 +19,7 @@ import numpy as np
 from clipbench.metrics import percentile_interval, resample_indices
 from clipbench.sidecars import selection_outputs
 from clipbench.tasks import CAPTION_SET_METRICS
-from clipbench.tasks.base import CaptionSets, TaskInputs, TaskNeeds, TaskOutput
+from clipbench.tasks.base import CaptionSets, CaptionSetTask, TaskInputs, TaskOutput
 
 __all__ = ["text_scores", "selection_correct", "mean_interval", "TASK"]
 
@@ -74,18 +74,12 @@ def mean_interval(values: np.ndarray, n_resamples: int, seed: int) -> tuple[floa
     return percentile_interval(means)
 
 
-class CaptionSelectionTask:
+class CaptionSelectionTask(CaptionSetTask):
     """Each test image against its captions and negative captions; accuracy (strict, ties wrong)."""
 
     name = "caption_selection"
     title = "Caption selection"
     spec_task = "caption_selection"
-
-    def needs(self, spec) -> TaskNeeds:
-        return TaskNeeds(roles=("test",), text="caption_sets")
-
-    def settings(self, config) -> dict:
-        return {"n_bootstrap": config.n_bootstrap, "seed": config.seed}
 
     def run(self, inputs: TaskInputs) -> TaskOutput:
         sets, images = inputs.caption_sets, inputs.images["test"].projected

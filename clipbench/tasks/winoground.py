@@ -22,7 +22,7 @@ import numpy as np
 
 from clipbench.sidecars import selection_outputs
 from clipbench.tasks import CAPTION_SET_METRICS
-from clipbench.tasks.base import CaptionSets, TaskInputs, TaskNeeds, TaskOutput
+from clipbench.tasks.base import CaptionSets, CaptionSetTask, TaskInputs, TaskOutput
 from clipbench.tasks.caption_selection import mean_interval, text_scores
 
 __all__ = ["winoground_scores", "example_matrices", "TASK"]
@@ -78,18 +78,12 @@ def example_matrices(scores: np.ndarray, sets: CaptionSets, n_images: int) -> tu
     return list(members), similarity
 
 
-class WinogroundTask:
+class WinogroundTask(CaptionSetTask):
     """Winoground's three scores over the test examples (two images and two captions each)."""
 
     name = "winoground"
     title = "Winoground"
     spec_task = "winoground"
-
-    def needs(self, spec) -> TaskNeeds:
-        return TaskNeeds(roles=("test",), text="caption_sets")
-
-    def settings(self, config) -> dict:
-        return {"n_bootstrap": config.n_bootstrap, "seed": config.seed}
 
     def run(self, inputs: TaskInputs) -> TaskOutput:
         sets, images = inputs.caption_sets, inputs.images["test"].projected
