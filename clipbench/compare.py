@@ -139,8 +139,7 @@ def paired_samples(a: SampleOutputs, b: SampleOutputs, metric: str) -> PairedSam
     if a.kind == "retrieval":
         return _retrieval_pair(a, b, metric)
     if metric in metrics.metric_names() and metrics.get_metric(metric).grouped:
-        raise ValueError(f"{metric!r} depends on sample groups; paired comparison does not resample "
-                         "groups yet: compare another metric (e.g. accuracy)")
+        return _worst_group_pair(a, b, metric)
     if a.kind == "selection":
         names = a.meta["metrics"]
         if metric not in names:
@@ -182,6 +181,26 @@ def paired_samples(a: SampleOutputs, b: SampleOutputs, metric: str) -> PairedSam
 
     statistic = _multilabel_statistic(metric) if a.kind == "multilabel" else _registered_statistic(metric)
     return PairedSamples(metric, score_units(a), score_units(b), {"targets": a.arrays["targets"]}, statistic)
+
+
+def _worst_group_pair(a: SampleOutputs, b: SampleOutputs, metric: str) -> PairedSamples:
+    """A worst-group top-k accuracy: each resample's per-group accuracies from the samples' target
+    ranks, and their minimum (the groups travel in the sidecar of a grouped primary metric)."""
+    k = metrics.WORST_GROUP_K.get(metric)
+    if k is None or "groups" not in a.arrays or "groups" not in b.arrays:
+        raise ValueError(f"{metric!r} depends on sample groups, which these per-sample outputs do not hold "
+                         "(a record keeps them when the metric is its primary one): compare another metric")
+    if not np.array_equal(a.arrays["groups"], b.arrays["groups"]):
+        raise ValueError("the two records label the samples with different groups; they were computed on "
+                         "different versions of the test set")
+
+    def hits(outputs: SampleOutputs) -> dict[str, np.ndarray]:
+        return {"hit": (target_ranks(outputs)[0] < k).astype(np.float64)}
+
+    def statistic(units, shared, idx):
+        return metrics.worst_group_of_hits(units["hit"], shared["groups"])(idx)
+
+    return PairedSamples(metric, hits(a), hits(b), {"groups": a.arrays["groups"]}, statistic)
 
 
 def _multilabel_statistic(metric: str) -> Statistic:

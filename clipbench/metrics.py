@@ -695,23 +695,34 @@ def _resampled_macro_f1(scores: np.ndarray, targets: np.ndarray) -> Callable[[np
     return f1
 
 
+def worst_group_of_hits(hit: np.ndarray, groups: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Worst-group accuracy on resamples, from each sample's 0/1 ``hit`` (N,) and group (N,): a
+    function from resample indices (R, N) to (R,) the lowest per-group mean over the groups each
+    resample holds."""
+    hit = np.asarray(hit, dtype=np.float64)
+    labels, group_index = np.unique(groups, return_inverse=True)
+    group_index = group_index.ravel()
+
+    def worst(idx: np.ndarray) -> np.ndarray:
+        counts = _row_bincount(group_index[idx], labels.size)
+        hits = _row_bincount(group_index[idx], labels.size, hit[idx])
+        accuracy = np.divide(hits, counts, out=np.full_like(hits, np.inf), where=counts > 0)
+        return accuracy.min(axis=1)  # a resample holds at least one group
+
+    return worst
+
+
 def _resampled_worst_group(k: int) -> Callable[..., Callable[[np.ndarray], np.ndarray]]:
     """Resampled worst-group top-k accuracy, from per-resample group counts and hits."""
 
     def form(scores: np.ndarray, targets: np.ndarray, groups: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-        hit = (_target_ranks(scores, targets) < k).astype(np.float64)
-        labels, group_index = np.unique(groups, return_inverse=True)
-        group_index = group_index.ravel()
-
-        def worst(idx: np.ndarray) -> np.ndarray:
-            counts = _row_bincount(group_index[idx], labels.size)
-            hits = _row_bincount(group_index[idx], labels.size, hit[idx])
-            accuracy = np.divide(hits, counts, out=np.full_like(hits, np.inf), where=counts > 0)
-            return accuracy.min(axis=1)  # a resample holds at least one group
-
-        return worst
+        return worst_group_of_hits(_target_ranks(scores, targets) < k, groups)
 
     return form
+
+
+#: the grouped metrics that are worst-group top-k accuracies, and their k
+WORST_GROUP_K = {"worst_group_accuracy": 1, "worst_group_top5_accuracy": 5}
 
 
 register_metric(Metric(
@@ -725,15 +736,15 @@ register_metric(Metric(
     name="worst_group_accuracy",
     kind="single_label",
     compute=worst_group_accuracy,
-    resampled=_resampled_worst_group(1),
+    resampled=_resampled_worst_group(WORST_GROUP_K["worst_group_accuracy"]),
     grouped=True,
     description="lowest top-1 accuracy over the sample groups (DataComp: GeoDE acc_wg, FMoW acc_worst_region)",
 ))
 register_metric(Metric(
     name="worst_group_top5_accuracy",
     kind="single_label",
-    compute=functools.partial(worst_group_accuracy, k=5),
-    resampled=_resampled_worst_group(5),
+    compute=functools.partial(worst_group_accuracy, k=WORST_GROUP_K["worst_group_top5_accuracy"]),
+    resampled=_resampled_worst_group(WORST_GROUP_K["worst_group_top5_accuracy"]),
     min_classes=5,
     grouped=True,
     description="lowest top-5 accuracy over the sample groups (DataComp: Dollar Street acc_top5_wg)",

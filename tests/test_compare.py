@@ -18,7 +18,7 @@ from clipbench.cli import main
 from clipbench.errors import ClipbenchError
 from clipbench.metrics import percentile_interval, resample_indices
 from clipbench.pipeline import Evaluator, RunConfig
-from clipbench.sidecars import SampleOutputs, top_classes
+from clipbench.sidecars import SampleOutputs, classification_outputs, top_classes
 
 
 def single_label(predictions, targets, n_classes=4, ids=None) -> SampleOutputs:
@@ -59,6 +59,33 @@ def test_paired_bootstrap_equals_a_naive_loop_over_the_same_resamples():
         naive = [score(targets[rows], pred_b[rows]) - score(targets[rows], pred_a[rows])
                  for idx in resample_indices(len(targets), 200, 3) for rows in idx]
         np.testing.assert_allclose(replicates, naive, rtol=0, atol=1e-12)
+
+
+def _worst_group_naive(hit: np.ndarray, groups: np.ndarray) -> float:
+    return min(hit[groups == g].mean() for g in np.unique(groups))
+
+
+def test_worst_group_accuracy_is_compared_with_its_groups_resampled():
+    targets, pred_a, pred_b = noisy_pair(n=150, seed=4)
+    groups = np.random.default_rng(5).integers(0, 5, len(targets)) * 7  # labels need not be 0..G-1
+    a, b = (classification_outputs(scores, targets, "worst_group_accuracy", groups=groups)
+            for scores in (np.eye(4)[pred_a], np.eye(4)[pred_b]))
+    a, b = (SampleOutputs([f"s{i}" for i in range(len(targets))], o.arrays, {"kind": o.kind, **o.meta})
+            for o in (a, b))
+    pair = compare.paired_samples(a, b, "worst_group_accuracy")
+    assert pair.value(pair.a) == pytest.approx(_worst_group_naive(pred_a == targets, groups), abs=1e-12)
+    replicates = compare.paired_bootstrap(pair, 100, seed=2)
+    naive = [_worst_group_naive(pred_b[rows] == targets[rows], groups[rows])
+             - _worst_group_naive(pred_a[rows] == targets[rows], groups[rows])
+             for idx in resample_indices(len(targets), 100, 2) for rows in idx]
+    np.testing.assert_allclose(replicates, naive, rtol=0, atol=1e-12)
+    result = compare.compare_pair(a, b, "worst_group_accuracy")
+    assert result.test == "permutation" and result.difference == pytest.approx(
+        _worst_group_naive(pred_b == targets, groups) - _worst_group_naive(pred_a == targets, groups), abs=1e-12)
+    # a sidecar whose primary metric is another keeps no groups: refused with the reason
+    plain = single_label(pred_a, targets)
+    with pytest.raises(ValueError, match="do not hold"):
+        compare.paired_samples(plain, plain, "worst_group_accuracy")
 
 
 def test_retrieval_bootstrap_resamples_images_with_their_captions():
