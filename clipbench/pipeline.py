@@ -212,7 +212,7 @@ class Evaluator:
         settings["precision"] = self.model.precision  # what the model ran at, not what was asked
         settings["weights_digest"] = self.model.weights_digest
         settings["model_identity_digest"] = _digest(self.model.identity())
-        settings["dataset_spec"] = {"file": str(spec.file), "data_digest": spec.data_digest(),
+        settings["dataset_spec"] = {"file": spec.origin, "data_digest": spec.data_digest(),
                                     "eval_digest": spec.eval_digest()}
         settings["metric_version"] = results.METRIC_VERSION
         if self.config.protocol != RunConfig.default("protocol"):

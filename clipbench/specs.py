@@ -147,6 +147,17 @@ class DatasetSpec:
                 entry.get("templates_origin", self.templates_origin))
 
     @property
+    def origin(self) -> str:
+        """Which file the spec is, as records name it (and their settings digests hold it):
+        ``packaged:<name>.yaml`` for a spec shipped with clipbench, the same on every installation
+        and machine, so records made elsewhere are reused; else the absolute path of the file (a
+        user's copy of a packaged spec is another spec)."""
+        try:
+            return f"packaged:{Path(self.file).resolve().relative_to(specs_dir().resolve()).as_posix()}"
+        except ValueError:
+            return str(self.file)
+
+    @property
     def has_caption_sets(self) -> bool:
         """Whether the data are caption sets: images with captions and negative captions."""
         from clipbench.tasks import CAPTION_SET_METRICS

@@ -457,3 +457,10 @@ def test_a_run_recomputes_an_invalid_stored_record_and_replaces_it(capsys, caplo
     assert again["metrics"] == first["metrics"] and again["schema_version"] == results.SCHEMA_VERSION
     # replaced in place: nothing superseded, no temp file left
     assert sorted(p.name for p in path.parent.iterdir()) == ["zeroshot.json", "zeroshot.per_class.json", "zeroshot.samples.npz"]
+
+
+def test_a_packaged_spec_is_named_the_same_on_every_installation(tmp_path):
+    packaged = specs.load_spec("synthetic-shapes")
+    assert packaged.origin == "packaged:synthetic-shapes.yaml"
+    user = specs.load_spec(_user_copy(tmp_path))
+    assert user.origin == str(user.file) and str(tmp_path) in user.origin
