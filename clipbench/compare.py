@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from clipbench import metrics
 from clipbench.errors import ClipbenchError
+from clipbench.lazy import pandas as pd
 from clipbench.render import ReportTable
 from clipbench.sidecars import (
     RANK_METRICS,

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+from clipbench.lazy import pandas as pd
 
 if TYPE_CHECKING:
     from clipbench.render import ReportTable

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Mapping
 
-import pandas as pd
-
 from clipbench.errors import ClipbenchError
+from clipbench.lazy import pandas as pd
 from clipbench.paths import reference_dir
 from clipbench.reference import OPENAI_ALIASES
 

@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
-import pandas as pd
-
 from clipbench.errors import ClipbenchError
+from clipbench.lazy import pandas as pd
 from clipbench.metrics import parse_recall_metric
 from clipbench.paths import reference_dir
 

@@ -7,10 +7,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import pandas as pd
 from tabulate import tabulate
 
 from clipbench.errors import ClipbenchError
+from clipbench.lazy import pandas as pd
 
 FORMATS = ("markdown", "csv", "latex", "html")
 #: appended to a value computed with unreadable images skipped (``--on-bad-image skip``)

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import pandas as pd
 from tabulate import tabulate
 
 from clipbench.datacomp import datacomp_table
 from clipbench.errors import ClipbenchError
+from clipbench.lazy import pandas as pd
 from clipbench.metrics import parse_recall_metric
 from clipbench.openclip_reference import (
     OPENCLIP_PRECISION,

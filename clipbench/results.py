@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 from clipbench.atomic import atomic_open
 from clipbench.errors import ClipbenchError
 from clipbench.interop import from_clip_benchmark, is_clip_benchmark_result
+from clipbench.lazy import pandas as pd
 from clipbench.reference import DatasetLookup
 from clipbench.sidecars import PerSample, sidecar_path, write_sample_outputs
 
