@@ -384,6 +384,24 @@ def die_with_parent(parent: int, worker_id: int = 0) -> None:
         os._exit(0)
 
 
+def batch_loader(decoder: Any, samples: Any, indices: Sequence[int], *, batch_size: int, workers: int,
+                 max_image_pixels: int | None, device: torch.device) -> DataLoader:
+    """The DataLoader of ``decoder``'s (a :class:`clipbench.decode.Decoder`) batches of
+    ``samples[indices]`` in order, for a model on ``device``: what the encoders iterate (and
+    ``benchmarks/feature_throughput.py`` times without a model)."""
+    return DataLoader(
+        decoder.dataset(samples, indices, max_image_pixels),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=decoder.collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()),
+    )
+
+
 def encode_image_batches(
     model: Any,
     samples: Any,
@@ -428,17 +446,8 @@ def encode_shared_batches(
     indices = list(range(len(samples))) if indices is None else list(indices)
     device = torch.device(models[0].device)
     decoder = decoder_for(decode, models[0])
-    loader = DataLoader(
-        decoder.dataset(samples, indices, max_image_pixels),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=decoder.collate,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=functools.partial(die_with_parent, os.getpid()),
-    )
+    loader = batch_loader(decoder, samples, indices, batch_size=batch_size, workers=workers,
+                          max_image_pixels=max_image_pixels, device=device)
     projected: list[list[np.ndarray]] = [[] for _ in models]
     pre: list[list[np.ndarray]] = [[] for _ in models]
     forward = [0.0] * len(models)
