@@ -51,7 +51,7 @@ from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from clipbench.atomic import atomic_open
@@ -365,7 +365,9 @@ def _collate(batch: list[tuple[Any, int, str | None]]) -> tuple[torch.Tensor | N
     """(pixels of the readable items or None, their positions, position -> reason of the others)."""
     good = [(pixels, position) for pixels, position, reason in batch if reason is None]
     bad = {position: reason for _, position, reason in batch if reason is not None}
-    pixels = torch.stack([p for p, _ in good]) if good else None
+    # default_collate stacks into shared memory in a DataLoader worker: the batch then reaches the
+    # main process as it is, not copied once more into shared memory when the queue pickles it
+    pixels = default_collate([p for p, _ in good]) if good else None
     return pixels, [position for _, position in good], bad
 
 
