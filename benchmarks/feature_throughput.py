@@ -1,12 +1,31 @@
-"""Image-feature throughput in images/s: the end-to-end feature path against bare ``encode_image``.
+"""Image-feature throughput in images/s: the end-to-end feature path against its physical limit.
 
-Bare: ``model.encode_image`` on random tensors already on the device, timed after ``--warmup``
-batches as the median over ``--n-batches`` batches (CUDA synchronised around each batch): the
-ceiling. End to end: ``clipbench.features.encode_image_batches`` over ``--images`` JPEG files
-(``--image-size`` pixels, written once into a temporary image folder and read through the
-imagefolder adapter), i.e. decode, preprocess in DataLoader workers, copy, encode, copy back.
+Over ``--images`` JPEG files (``--image-size`` pixels, written once into a temporary image folder and
+read through the imagefolder adapter) and one model, each round measures, one right after the other:
+
+- decode: the encoders' own DataLoader (``clipbench.features.batch_loader``) with the model's
+  decoder (``--decode``), ``--workers`` and ``--batch-size``, each batch made model input on the
+  device and dropped: reading, decoding, the model's transform, collation, the transfer; no model.
+- bare: ``model.encode_image`` on random tensors already on the device, timed after ``--warmup``
+  batches as the median over ``--n-batches`` batches (CUDA synchronised around each batch).
+- end to end: ``clipbench.features.encode_image_batches`` over the files (decode, preprocess in
+  DataLoader workers, copy, encode, copy back), after one warm-up batch without workers.
+
+The bound is what the end-to-end path could reach given the two rates: on CPU decode and forward
+share the cores, so an image costs the time of both, ``1/(1/decode + 1/bare)``; on CUDA they overlap
+(CPU cores decode while the GPU encodes), ``min(decode, bare)``. End to end is printed as a fraction
+of the bound and of bare, per round and as the median of the rounds' ratios (rounds, since the
+figures drift with other jobs on shared machines). With fewer workers than cores the CPU bound is
+conservative: decode measured with ``--workers`` processes leaves cores idle that the forward pass
+uses when both run. Each figure also has its CPU milliseconds per image (this process and its
+workers): ``end to end`` above ``decode + bare`` is work the path adds (or, when other jobs hold
+the cores, threads spinning while they wait for each other); it drifts less with load than the
+rates do. Worker start-up and the first batch, decoded before the model has work, are in the
+decode and end-to-end figures and weigh less the more images are timed.
 
     python benchmarks/feature_throughput.py                                 # CPU, ViT-S-32-alt, random weights
+    python benchmarks/feature_throughput.py --model clipbench-tiny --pretrained synthetic --batch-size 64 \\
+        --workers 1 --images 512 --rounds 3
     python benchmarks/feature_throughput.py --model ViT-B-32 --device cuda --batch-size 256 \\
         --precision bf16,amp --images 4096 --workers 8
 """
@@ -14,17 +33,21 @@ imagefolder adapter), i.e. decode, preprocess in DataLoader workers, copy, encod
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from clipbench.data.imagefolder import load_imagefolder
-from clipbench.features import encode_image_batches
+from clipbench.decode import decoder_for
+from clipbench.features import batch_loader, encode_image_batches
 from clipbench.models import ClipModel, load_model
 
 
@@ -60,16 +83,79 @@ def write_jpegs(root: Path, n_images: int, size: tuple[int, int]) -> Path:
     return root
 
 
-def end_to_end_throughput(model: ClipModel, root: Path, batch_size: int, workers: int) -> float:
-    """Images/s of the whole feature path over the JPEG folder (one warm-up batch excluded)."""
-    samples = load_imagefolder(root, "test")
-    encode_image_batches(model, samples, indices=range(min(batch_size, len(samples))),
-                         batch_size=batch_size, workers=0)
-    if str(model.device).startswith("cuda"):
-        torch.cuda.synchronize()
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_throughput(model: ClipModel, samples: Any, batch_size: int, workers: int, decode: str = "pil") -> float:
+    """Images/s of the feature path without the model: the encoders' own DataLoader
+    (:func:`clipbench.features.batch_loader`) over ``samples`` with the model's decoder, workers and
+    batch size, each batch made model input on the device (``Decoder.pixels``) and dropped.
+    Worker start-up is included, as it is in :func:`end_to_end_throughput`."""
+    device = torch.device(model.device)
+    decoder = decoder_for(decode, model)
+    loader = batch_loader(decoder, samples, range(len(samples)), batch_size=batch_size, workers=workers,
+                          max_image_pixels=None, device=device)
+    _synchronize(device)
     start = time.perf_counter()
-    encode_image_batches(model, samples, batch_size=batch_size, workers=workers)
+    for batch in loader:
+        decoder.pixels(batch, device)
+    _synchronize(device)
     return len(samples) / (time.perf_counter() - start)
+
+
+def end_to_end_throughput(model: ClipModel, samples: Any, batch_size: int, workers: int,
+                          decode: str = "pil") -> float:
+    """Images/s of the whole feature path over ``samples`` (:func:`encode_image_batches`), after one
+    warm-up batch without workers (model and decoder warm, as the bare figure's)."""
+    encode_image_batches(model, samples, indices=range(min(batch_size, len(samples))),
+                         batch_size=batch_size, workers=0, decode=decode)
+    _synchronize(torch.device(model.device))
+    start = time.perf_counter()
+    encode_image_batches(model, samples, batch_size=batch_size, workers=workers, decode=decode)
+    return len(samples) / (time.perf_counter() - start)
+
+
+@dataclass
+class Round:
+    """One round's figures, measured one after the other on the same files and model: images/s,
+    and CPU milliseconds per image (this process and its DataLoader workers together)."""
+
+    decode: float
+    bare: float
+    e2e: float
+    decode_ms: float
+    bare_ms: float
+    e2e_ms: float
+
+    def bound(self, device: torch.device) -> float:
+        """The end-to-end path's physical limit (module docstring)."""
+        if device.type == "cuda":
+            return min(self.decode, self.bare)
+        return 1 / (1 / self.decode + 1 / self.bare)
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the DataLoader workers, once joined)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def measure_round(model: ClipModel, samples: Any, args: argparse.Namespace) -> Round:
+    """Decode alone, bare forward, end to end, one after the other."""
+    rates, ms = [], []
+    bare_images = args.batch_size * (args.warmup + args.n_batches)
+    for run, images in ((lambda: decode_throughput(model, samples, args.batch_size, args.workers, args.decode),
+                         len(samples)),
+                        (lambda: bare_encode_throughput(model, args.batch_size, args.n_batches, args.warmup),
+                         bare_images),
+                        (lambda: end_to_end_throughput(model, samples, args.batch_size, args.workers, args.decode),
+                         len(samples) + min(args.batch_size, len(samples)))):
+        before = cpu_seconds()
+        rates.append(run())
+        ms.append(1e3 * (cpu_seconds() - before) / images)
+    return Round(*rates, *ms)
 
 
 def main() -> None:
@@ -83,25 +169,46 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--images", type=int, default=256, help="JPEGs for the end-to-end path (0: skip)")
     parser.add_argument("--image-size", default="500x375", help="JPEG size WxH (ImageNet-like)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (end to end)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (decode and end to end)")
+    parser.add_argument("--decode", default="pil", help="the --decode choice (clipbench/decode.py)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of decode, bare, end to end (medians kept)")
     args = parser.parse_args()
 
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+          f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     with tempfile.TemporaryDirectory() as tmp:
-        root = None
+        samples = None
         if args.images:
             w, h = (int(v) for v in args.image_size.split("x"))
-            root = write_jpegs(Path(tmp), args.images, (w, h))
+            samples = load_imagefolder(write_jpegs(Path(tmp), args.images, (w, h)), "test")
         for precision in args.precision.split(","):
             model = load_model(args.model, args.pretrained, device=args.device, precision=precision)
-            bare = bare_encode_throughput(model, args.batch_size, args.n_batches, args.warmup)
-            line = (f"{model.name} ({model.pretrained}) {model.device} {precision:>4} batch {args.batch_size}: "
-                    f"bare encode_image {bare:9.1f} images/s")
-            if root is not None:
-                e2e = end_to_end_throughput(model, root, args.batch_size, args.workers)
-                line += (f" | end to end ({args.images} JPEG {args.image_size}, {args.workers} workers) "
-                         f"{e2e:9.1f} images/s = {e2e / bare:.0%} of bare")
-            print(line)
+            device = torch.device(model.device)
+            head = f"{model.name} ({model.pretrained}) {model.device} {precision:>4} batch {args.batch_size}"
+            if samples is None:
+                bare = bare_encode_throughput(model, args.batch_size, args.n_batches, args.warmup)
+                print(f"{head}: bare encode_image {bare:9.1f} images/s")
+                continue
+            rounds = []
+            for r in range(args.rounds):
+                rounds.append(measure_round(model, samples, args))
+                got = rounds[-1]
+                print(f"{head} round {r + 1}: decode {got.decode:8.1f} | bare {got.bare:8.1f} | bound "
+                      f"{got.bound(device):8.1f} | end to end {got.e2e:8.1f} images/s = "
+                      f"{got.e2e / got.bound(device):.0%} of bound, {got.e2e / got.bare:.0%} of bare | CPU ms/image: "
+                      f"decode {got.decode_ms:.2f} + bare {got.bare_ms:.2f} = {got.decode_ms + got.bare_ms:.2f}, "
+                      f"end to end {got.e2e_ms:.2f} | load {os.getloadavg()[0]:.2f}", flush=True)
+            kind = "min(decode, bare)" if device.type == "cuda" else "1/(1/decode + 1/bare)"
+            print(f"{head}, {args.images} JPEG {args.image_size}, {args.workers} workers, --decode {args.decode}, "
+                  f"median of {args.rounds} rounds: decode {statistics.median(r.decode for r in rounds):.1f}, "
+                  f"bare {statistics.median(r.bare for r in rounds):.1f}, "
+                  f"bound {kind} {statistics.median(r.bound(device) for r in rounds):.1f}, "
+                  f"end to end {statistics.median(r.e2e for r in rounds):.1f} images/s = "
+                  f"{statistics.median(r.e2e / r.bound(device) for r in rounds):.1%} of bound, "
+                  f"{statistics.median(r.e2e / r.bare for r in rounds):.1%} of bare (per-round ratios); CPU ms/image "
+                  f"decode + bare {statistics.median(r.decode_ms + r.bare_ms for r in rounds):.2f}, "
+                  f"end to end {statistics.median(r.e2e_ms for r in rounds):.2f}")
+    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ from typing import IO, Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from clipbench.atomic import atomic_open
@@ -365,7 +365,9 @@ def _collate(batch: list[tuple[Any, int, str | None]]) -> tuple[torch.Tensor | N
     """(pixels of the readable items or None, their positions, position -> reason of the others)."""
     good = [(pixels, position) for pixels, position, reason in batch if reason is None]
     bad = {position: reason for _, position, reason in batch if reason is not None}
-    pixels = torch.stack([p for p, _ in good]) if good else None
+    # default_collate stacks into shared memory in a DataLoader worker: the batch then reaches the
+    # main process as it is, not copied once more into shared memory when the queue pickles it
+    pixels = default_collate([p for p, _ in good]) if good else None
     return pixels, [position for _, position in good], bad
 
 
@@ -382,6 +384,24 @@ def die_with_parent(parent: int, worker_id: int = 0) -> None:
         return  # not Linux/glibc: torch's own parent check remains
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(0)
+
+
+def batch_loader(decoder: Any, samples: Any, indices: Sequence[int], *, batch_size: int, workers: int,
+                 max_image_pixels: int | None, device: torch.device) -> DataLoader:
+    """The DataLoader of ``decoder``'s (a :class:`clipbench.decode.Decoder`) batches of
+    ``samples[indices]`` in order, for a model on ``device``: what the encoders iterate (and
+    ``benchmarks/feature_throughput.py`` times without a model)."""
+    return DataLoader(
+        decoder.dataset(samples, indices, max_image_pixels),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=decoder.collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=functools.partial(die_with_parent, os.getpid()),
+    )
 
 
 def encode_image_batches(
@@ -428,17 +448,8 @@ def encode_shared_batches(
     indices = list(range(len(samples))) if indices is None else list(indices)
     device = torch.device(models[0].device)
     decoder = decoder_for(decode, models[0])
-    loader = DataLoader(
-        decoder.dataset(samples, indices, max_image_pixels),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=decoder.collate,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=functools.partial(die_with_parent, os.getpid()),
-    )
+    loader = batch_loader(decoder, samples, indices, batch_size=batch_size, workers=workers,
+                          max_image_pixels=max_image_pixels, device=device)
     projected: list[list[np.ndarray]] = [[] for _ in models]
     pre: list[list[np.ndarray]] = [[] for _ in models]
     forward = [0.0] * len(models)

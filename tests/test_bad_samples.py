@@ -438,3 +438,31 @@ def test_the_pixel_limit_applies_in_dataloader_workers_and_leaves_the_parent_alo
     assert list(encoded.bad) == [6] and "now 1500" in encoded.bad[6] and len(encoded.projected) == 9
     assert Image.MAX_IMAGE_PIXELS == before
     assert encode_image_batches(_PixelStatsModel(), samples, batch_size=4, workers=1).bad == {}  # Pillow's limit
+
+
+def _collate_in_shared_memory(batch):
+    """The encoders' collate, and whether its pixels came out in shared memory (asked in the worker)."""
+    from clipbench.features import _collate
+
+    pixels, positions, bad = _collate(batch)
+    return pixels.is_shared(), pixels, positions, bad
+
+
+def test_workers_collate_batches_into_shared_memory_with_the_rows_of_the_main_process(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from clipbench.data.imagefolder import load_imagefolder
+    from clipbench.features import _PreprocessedImages, encode_image_batches
+
+    root = write_imagefolder(tmp_path / "f")
+    write_text(root / "test" / "b_green" / "bad.jpg")
+    samples = load_imagefolder(root, "test", FOLDERS)
+    # in a worker the batch is stacked into shared memory, so the queue passes it without a copy
+    loader = DataLoader(_PreprocessedImages(samples, _pixels, range(len(samples))), batch_size=4, num_workers=1,
+                        collate_fn=_collate_in_shared_memory)
+    assert [shared for shared, *_ in loader] == [True, True, True]
+    in_main = encode_image_batches(_PixelStatsModel(), samples, batch_size=4, workers=0)
+    in_worker = encode_image_batches(_PixelStatsModel(), samples, batch_size=4, workers=1)
+    assert list(in_worker.bad) == list(in_main.bad) == [6] and len(in_worker.projected) == 9
+    assert np.array_equal(in_worker.projected, in_main.projected)
+    assert np.array_equal(in_worker.pre_projection, in_main.pre_projection)
