@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -264,8 +265,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+#: libgomp's wait policy for the model's CPU threads unless the environment sets one: idle threads
+#: sleep instead of spinning, which on shared cores took CPU from the DataLoader workers decoding
+#: the next batch (benchmarks/feature_throughput.py, docs/architecture.md "Threads"); it changes
+#: no number, only how threads wait
+OMP_WAIT_POLICY = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # read once, when torch loads its OpenMP runtime: set before anything imports torch
+    os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
     if argv[:1] == ["train-tiny"]:
         from clipbench.train_tiny import main as train_main
 

@@ -6,6 +6,7 @@ open_clip, whose pretrained tags it lists, and nothing heavier."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,15 @@ def test_pandas_is_imported_when_a_report_needs_it(tmp_path):
             "summary_table([{'model': 'm', 'pretrained': 'p', 'dataset': 'd', 'task': 'zeroshot', "
             "'primary_metric': 'accuracy', 'metrics': {'accuracy': 0.5}}])")
     assert imported(code, ("pandas",)) == ["pandas"]
+
+
+def test_the_cli_makes_idle_openmp_threads_sleep_unless_the_environment_says_otherwise():
+    code = ("import os, sys; from clipbench.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "sys.stderr.write(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    unset = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert unset.stderr.strip().endswith("PASSIVE")
+    chosen = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                            capture_output=True, text=True, check=True)
+    assert chosen.stderr.strip().endswith("ACTIVE")
