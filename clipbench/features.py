@@ -688,6 +688,8 @@ def text_features(
         **model.identity(),
         "texts": hashlib.sha256("\x1e".join(texts).encode()).hexdigest(),
         "n": len(texts),
+        # a batch's shape can change the last bits of its rows (CPU kernels block by batch size)
+        "batch_size": batch_size,
     }
     key = FeatureCache.digest(parts)
     cached = cache.load("text", key, {"features": (len(texts), None)})

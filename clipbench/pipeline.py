@@ -121,7 +121,7 @@ class Evaluator:
     def _text_batch_size(self) -> int:
         if self.config.text_batch_size:
             return self.config.text_batch_size
-        return 1024 if str(self.model.device).startswith("cuda") else 128
+        return 1024 if str(self.model.device).startswith("cuda") else 32  # why: RunConfig.text_batch_size
 
     def load_samples(self, spec: DatasetSpec, role: str) -> Samples:
         """The samples of one split (distributed ranks load theirs through this too)."""

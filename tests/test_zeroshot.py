@@ -149,3 +149,21 @@ def test_has_placeholder_accepts_either_placeholder():
     assert zeroshot.has_placeholder("a photo of a {c}.")
     assert zeroshot.has_placeholder("a photo of a {}.")
     assert not zeroshot.has_placeholder("a photo of a {class}.")
+
+
+
+def test_text_features_are_cached_per_batch_size(tmp_path):
+    # a batch's shape can change the last bits of a text feature on CPU, so the cache never serves
+    # features encoded in other batches
+    from clipbench.features import FeatureCache, text_features
+    from clipbench.models import load_model
+
+    model = load_model("clipbench-tiny", "synthetic", device="cpu", precision="fp32")
+    prompts = zeroshot.build_prompts([f"class {i}" for i in range(10)], ["a photo of a {c}.", "itap of my {}."])
+    cache = FeatureCache(tmp_path)
+    first = text_features(model, prompts, cache, batch_size=3)
+    assert len(list((tmp_path / "text").rglob("*.npz"))) == 1
+    other = text_features(model, prompts, cache, batch_size=20)
+    assert len(list((tmp_path / "text").rglob("*.npz"))) == 2
+    np.testing.assert_allclose(first, other, rtol=0, atol=1e-5)  # the same features up to rounding
+    assert np.array_equal(text_features(model, prompts, cache, batch_size=3), first)  # read back
