@@ -78,17 +78,25 @@ def _display_rows(table: ReportTable) -> list[list[str]]:
             text = format_cell(record[column], str(record["row"]), column in table.percent_columns,
                                extra.get("ci_low"), extra.get("ci_high"), extra.get("std"))
             for flags, mark in ((table.marked, SKIPPED_MARK), (table.cross_protocol, CROSS_PROTOCOL_MARK)):
-                flagged = flags is not None and column in flags.columns and flags.at[i, column]
-                if text and pd.notna(flagged) and bool(flagged):
+                if text and _flag(flags, i, column):
                     text += f" {mark}"
             cells.append(text)
         rows.append(cells)
     return rows
 
 
+def _flag(flags: pd.DataFrame | None, i: Any, column: str) -> bool:
+    """Whether cell (i, column) is flagged in ``flags`` (``ReportTable.marked`` / ``cross_protocol``)."""
+    flagged = flags is not None and column in flags.columns and flags.at[i, column]
+    return bool(pd.notna(flagged) and flagged)
+
+
 def _tidy(tables: Sequence[ReportTable]) -> pd.DataFrame:
-    """All tables as one long frame: one row per table × model × row × column, raw values."""
-    columns = ["table", "task", "model", "row", "column", "value", "ci_low", "ci_high", "std"]
+    """All tables as one long frame: one row per table × model × row × column, raw values, and the
+    marks of the other formats as flags: ``skipped`` (†: unreadable images left out) and
+    ``cross_protocol`` (‡: compared with a value measured under another metric)."""
+    columns = ["table", "task", "model", "row", "column", "value", "ci_low", "ci_high", "std", "skipped",
+               "cross_protocol"]
     parts = []
     for table in tables:
         rows = []
@@ -99,7 +107,9 @@ def _tidy(tables: Sequence[ReportTable]) -> pd.DataFrame:
                 extra = {name: getattr(table, name).at[i, column] if getattr(table, name) is not None else math.nan
                          for name in ("ci_low", "ci_high", "std")}
                 rows.append({"table": table.title, "task": table.task, "model": record["model"], "row": record["row"],
-                             "column": column, "value": record[column], **extra})
+                             "column": column, "value": record[column], **extra,
+                             "skipped": _flag(table.marked, i, column),
+                             "cross_protocol": _flag(table.cross_protocol, i, column)})
         parts.append(pd.DataFrame(rows, columns=columns))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 

@@ -768,7 +768,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
                     "model x dataset tables beside the CLIP paper's numbers, a Table 10 baseline and "
                     "open_clip's published DataComp results.")
     parser.add_argument("results_dirs", nargs="+", type=Path, metavar="RESULTS_DIR")
-    parser.add_argument("--format", choices=FORMATS, default="markdown", dest="fmt")
+    parser.add_argument("--format", choices=FORMATS, default="markdown", dest="fmt",
+                        help="markdown, LaTeX or HTML tables (percent), or csv: one tidy table of fractions, "
+                             "one row per table x model x row x column, with the flags skipped (marked †) "
+                             "and cross_protocol (marked ‡)")
     parser.add_argument("--out", type=Path, default=None, help="write the report to FILE instead of stdout")
     parser.add_argument("--plot", type=Path, default=None, metavar="DIR", help="also write PNG figures to DIR")
     parser.add_argument("--baseline", default=DEFAULT_BASELINE, metavar="DIR_OR_LABEL",

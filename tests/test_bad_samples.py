@@ -246,6 +246,13 @@ def test_the_report_marks_numbers_computed_with_skipped_images():
     assert "†: n images skipped as unreadable" in text and "colours, m (p) 2" in text
     summary = summary_table(records)
     assert "50.0 †" in summary and "colours/zeroshot 2" in summary
+    import io
+
+    import pandas as pd
+
+    tidy = pd.read_csv(io.StringIO(render_tables(report_tables(records_frame(records)), "csv")))
+    ours = tidy[(tidy["table"] == "Zero-shot") & (tidy["row"] == "ours")].set_index("column")
+    assert bool(ours.loc["colours", "skipped"]) and not bool(ours.loc["other", "skipped"])
 
 
 # ------------------------------------------------------------------------------- image modes

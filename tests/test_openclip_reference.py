@@ -175,6 +175,20 @@ def test_retrieval_against_open_clip_uses_datacomps_mean_recall(markdown):
     assert diff["flickr30k image_to_text_R@1"] == f"{100 * (0.8 - text_r1):+.1f}"
 
 
+def test_cross_protocol_cells_are_flagged_in_the_tidy_csv():
+    import io
+
+    import pandas as pd
+
+    records = [rec("ViT-B-32", "openai", "voc2007", "zeroshot", {"map_11point": 0.8}, "map_11point"),
+               rec("ViT-B-32", "openai", "imagenet", "zeroshot", {"accuracy": 0.6}, "accuracy")]
+    csv = report.build_report(results.records_frame(records), fmt="csv", datasets=DATASETS)
+    table = pd.read_csv(io.StringIO(csv))
+    ours = table[(table["table"] == "Zero-shot vs open_clip") & (table["row"] == "ours")].set_index("column")
+    assert bool(ours.loc["VOC2007", "cross_protocol"]) and not bool(ours.loc["ImageNet", "cross_protocol"])
+    assert not table["skipped"].any()
+
+
 def test_association_against_open_clip_uses_the_10_to_12_candidate_jaccard(markdown):
     header, rows, _ = section(markdown, "Association (Jaccard) vs open_clip")
     assert header[2:] == ["winogavil"]

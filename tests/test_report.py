@@ -245,7 +245,8 @@ def test_other_baseline_and_unknown_baseline(frame):
 
 def test_csv_is_tidy_raw_fractions(frame):
     table = pd.read_csv(io.StringIO(report.build_report(frame, fmt="csv", datasets=DATASETS)))
-    assert list(table.columns) == ["table", "task", "model", "row", "column", "value", "ci_low", "ci_high", "std"]
+    assert list(table.columns) == ["table", "task", "model", "row", "column", "value", "ci_low", "ci_high", "std",
+                                   "skipped", "cross_protocol"]
     zs = table[(table["table"] == "Zero-shot") & (table["model"] == "ViT-B-32 (openai)")]
     ours = zs[zs["row"] == "ours"].set_index("column")
     assert list(ours.index[:6]) == ["Food101", "CIFAR10", "StanfordCars", "EuroSAT", "ImageNet", "imagenet_r"]
