@@ -691,6 +691,10 @@ def text_features(
         # a batch's shape can change the last bits of its rows (CPU kernels block by batch size)
         "batch_size": batch_size,
     }
+    if model.text_context == "trimmed":
+        # likewise its context length; keys of features from the full context, the only layout
+        # before trimming, stay as they were
+        parts["text_context"] = model.text_context
     key = FeatureCache.digest(parts)
     cached = cache.load("text", key, {"features": (len(texts), None)})
     if cached is not None:

@@ -121,7 +121,7 @@ class Evaluator:
     def _text_batch_size(self) -> int:
         if self.config.text_batch_size:
             return self.config.text_batch_size
-        return 1024 if str(self.model.device).startswith("cuda") else 32  # why: RunConfig.text_batch_size
+        return 1024 if str(self.model.device).startswith("cuda") else 256  # why: RunConfig.text_batch_size
 
     def load_samples(self, spec: DatasetSpec, role: str) -> Samples:
         """The samples of one split (distributed ranks load theirs through this too)."""
@@ -229,6 +229,10 @@ class Evaluator:
             settings["max_image_pixels"] = self.config.max_image_pixels
         if self.config.decode != RunConfig.default("decode"):
             settings["decode"] = self.config.decode  # other pixels; likewise only off the default
+        if task.needs(spec).text is not None and self.model.text_context == "trimmed":
+            # prompts encoded on a trimmed context differ from the full context's in their last
+            # bits; records from the full context, all there were before, keep their digests
+            settings["text_context"] = self.model.text_context
         if task.needs(spec).text == "class_prompts":
             classnames, templates, _ = prompts_for(spec, self.config, Path(self.config.data_root))
             settings["prompts_digest"] = _digest([classnames, templates])

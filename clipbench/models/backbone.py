@@ -63,6 +63,7 @@ class BackboneModel:
     preprocessing: dict[str, Any]
 
     supports_text = False
+    text_context = None
     pre_projection_kind = "embedding"
 
     def autocast(self) -> contextlib.AbstractContextManager:

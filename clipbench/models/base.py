@@ -35,6 +35,9 @@ class ImageTextModel(Protocol):
             ``'before_projection'`` (the image feature the projection maps into the shared
             space) or ``'embedding'`` (no separate projection: the unnormalised embedding).
         supports_text: False for image-only backbones (:meth:`encode_texts` then raises).
+        text_context: how a text batch is laid out for the text tower, which can change a
+            feature's last bits (text-feature cache keys): open_clip ``'trimmed'`` or ``'full'``,
+            the Hugging Face tokenizer's padding, None without a text tower.
         weights_digest: identifies the weights (feature caches, records).
     """
 
@@ -45,6 +48,7 @@ class ImageTextModel(Protocol):
     preprocess: Callable[[Any], torch.Tensor]
     pre_projection_kind: str
     supports_text: bool
+    text_context: str | None
     weights_digest: str
 
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

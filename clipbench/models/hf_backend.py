@@ -166,6 +166,10 @@ class HFModel:
     supports_text = True
     backend = "transformers"
 
+    @property
+    def text_context(self) -> str:
+        return self.padding
+
     def autocast(self) -> contextlib.AbstractContextManager:
         return base.autocast(self.precision, self.device)
 

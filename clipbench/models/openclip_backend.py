@@ -46,6 +46,9 @@ class OpenClipModel:
         embed_dim: width D of the projected (shared) embedding.
         pre_projection_dim: width P of the pre-projection image feature.
         image_size: model input (H, W) in pixels.
+        text_context: ``'trimmed'``: each text batch runs on the context up to its longest
+            prompt's pooled token (see :func:`_trim_length`), or ``'full'``: the tokenizer's whole
+            context (77 for CLIP), where the tower is not causal or pools a fixed position.
     """
 
     name: str
@@ -64,6 +67,7 @@ class OpenClipModel:
     pre_projection_dim: int
     pre_projection_kind: str
     image_size: tuple[int, int]
+    text_context: str
 
     supports_text = True  # not a field: every open_clip model has a text tower
     backend = "open_clip"
@@ -102,8 +106,9 @@ class OpenClipModel:
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Tokenize and encode ``texts`` as one batch; returns (T, D) float32 L2-normalised."""
         tokens = self.tokenizer(list(texts)).to(self.device)
-        with torch.inference_mode(), self.autocast():
-            features = self.model.encode_text(tokens)
+        length = _trim_length(self.model, tokens) if self.text_context == "trimmed" else tokens.shape[1]
+        with _context_of(self.model, length), torch.inference_mode(), self.autocast():
+            features = self.model.encode_text(tokens[:, :length])
         return F.normalize(features.float(), dim=-1)
 
     def identity(self) -> dict[str, Any]:
@@ -121,6 +126,7 @@ class OpenClipModel:
             "pre_projection_dim": self.pre_projection_dim,
             "pre_projection_kind": self.pre_projection_kind,
             "image_size": list(self.image_size),
+            "text_context": self.text_context,
         }
 
 
@@ -138,6 +144,44 @@ def _without_projection(visual: torch.nn.Module) -> Iterator[torch.Tensor]:
         yield proj
     finally:
         visual.proj = proj
+
+
+def trimmable(model: torch.nn.Module) -> bool:
+    """Whether cutting ``model``'s text context after a batch's last pooled token leaves every
+    pooled feature the same: a causal text tower (no position attends to a later one) that pools
+    the EOT token. SigLIP (pools the last position), CoCa and Hugging Face text towers do not
+    qualify and run on the full context."""
+    return (isinstance(model, open_clip.CLIP) and getattr(model, "attn_mask", None) is not None
+            and model.text_pool_type in ("argmax", "eos"))
+
+
+def _trim_length(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """1 + the last position any row of ``tokens`` (T, context) pools, found as open_clip's
+    ``text_global_pool`` finds it."""
+    if model.text_pool_type == "eos":
+        pooled = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    else:
+        pooled = tokens.argmax(dim=-1)
+    return int(pooled.max()) + 1 if len(tokens) else tokens.shape[1]
+
+
+@contextlib.contextmanager
+def _context_of(model: torch.nn.Module, length: int) -> Iterator[None]:
+    """Run open_clip's own ``encode_text`` on the first ``length`` context positions: its positional
+    embedding and causal mask, cut to ``length``, stand in for the full ones meanwhile.
+
+    Prompts are ~10-20 tokens of CLIP's 77, so this makes the text tower ~5-15x faster; the
+    features agree with the full context's to float rounding (the kernels see other shapes)."""
+    position, mask = model.positional_embedding, model.attn_mask
+    if length == position.shape[0]:
+        yield
+        return
+    model.positional_embedding = torch.nn.Parameter(position[:length], requires_grad=False)
+    model.attn_mask = None if mask is None else mask[:length, :length]
+    try:
+        yield
+    finally:
+        model.positional_embedding, model.attn_mask = position, mask
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -338,4 +382,5 @@ def load_openclip(
         pre_projection_dim=pre_dim,
         pre_projection_kind=kind,
         image_size=image_size,
+        text_context="trimmed" if trimmable(model) else "full",
     )
