@@ -15,7 +15,7 @@ from open_clip.transformer import text_global_pool
 from clipbench import specs
 from clipbench.features import FeatureCache, text_features
 from clipbench.models import load_model
-from clipbench.models.openclip_backend import _context_of, _trim_length, trimmable
+from clipbench.models.openclip_backend import TextTower, trimmable
 from clipbench.pipeline import Evaluator, RunConfig
 from clipbench.tasks import get_task
 
@@ -68,45 +68,59 @@ def test_a_prompt_that_fills_the_context_runs_on_all_of_it(model):
     assert torch.equal(model.encode_texts(long), full)
 
 
-def _tiny_clip(**text_cfg) -> open_clip.CLIP:
-    vision = dict(image_size=32, patch_size=16, width=32, layers=1, head_width=16)
-    text = dict(context_length=16, vocab_size=64, width=32, heads=2, layers=1, **text_cfg)
-    return open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text)
-
-
-def test_only_causal_towers_that_pool_the_eot_token_are_trimmed():
-    assert trimmable(_tiny_clip())
-    assert trimmable(_tiny_clip(pool_type="eos", eos_id=3))
-    # a later position changes every earlier one without a causal mask; "last" pools a fixed position
-    assert not trimmable(_tiny_clip(no_causal_mask=True))
-    assert not trimmable(_tiny_clip(pool_type="last"))
-    assert not trimmable(_tiny_clip(pool_type="first"))
-
-
-def test_a_tower_pooling_its_eos_token_is_cut_after_the_last_eos():
+def _tiny_clip(cls=open_clip.CLIP, **text_cfg) -> torch.nn.Module:
     torch.manual_seed(0)
-    module = _tiny_clip(pool_type="eos", eos_id=3).eval()
+    vision = dict(image_size=32, patch_size=16, width=32, layers=1, head_width=16)
+    text = dict(context_length=16, vocab_size=64, width=32, heads=2, layers=2, **text_cfg)
+    return cls(embed_dim=16, vision_cfg=vision, text_cfg=text).eval()
+
+
+def _tokens() -> torch.Tensor:
+    """Two prompts of 3 and 5 tokens (EOT 63, the largest id; 3 as an EOS id), padded with 0."""
     tokens = torch.zeros(2, 16, dtype=torch.long)
-    tokens[0, :3], tokens[1, :6] = torch.tensor([5, 7, 3]), torch.tensor([5, 60, 61, 62, 3, 9])
-    assert _trim_length(module, tokens) == 5  # "argmax" would pick 62 at position 3 of row 1
+    tokens[0, :3], tokens[1, :6] = torch.tensor([5, 7, 63]), torch.tensor([5, 60, 3, 62, 63, 9])
+    return tokens
+
+
+def _trimmed_and_full(module: torch.nn.Module, tokens: torch.Tensor, length: int):
     with torch.inference_mode():
         full = module.encode_text(tokens)
-        with _context_of(module, 5):
-            cut = module.encode_text(tokens[:, :5])
+        with TextTower.of(module).context(length):
+            cut = module.encode_text(tokens[:, :length])
+    return cut, full
+
+
+@pytest.mark.parametrize("cls", [open_clip.CLIP, open_clip.CustomTextCLIP])
+def test_only_causal_towers_that_pool_the_eot_token_are_trimmed(cls):
+    assert trimmable(_tiny_clip(cls))
+    assert trimmable(_tiny_clip(cls, pool_type="eos", eos_id=3))
+    # a later position changes every earlier one without a causal mask; "last" pools a fixed position
+    assert not trimmable(_tiny_clip(cls, no_causal_mask=True))
+    assert not trimmable(_tiny_clip(cls, pool_type="last"))
+    assert not trimmable(_tiny_clip(cls, pool_type="first"))
+    if cls is open_clip.CustomTextCLIP:
+        # SigLIP's text tower as open_clip configures it; CoCa-style CLS token appended at the end
+        assert not trimmable(_tiny_clip(cls, no_causal_mask=True, pool_type="last"))
+        assert not trimmable(_tiny_clip(cls, embed_cls=True))
+
+
+@pytest.mark.parametrize("cls", [open_clip.CLIP, open_clip.CustomTextCLIP])
+@pytest.mark.parametrize("pool_type, length", [("argmax", 5), ("eos", 3)])
+def test_a_trimmable_tower_gives_the_full_contexts_features(cls, pool_type, length):
+    module = _tiny_clip(cls, pool_type=pool_type, eos_id=3)
+    tower = TextTower.of(module)
+    # argmax: the EOT 63 of row 1 at position 4; eos: the first 3, at position 2 of row 1
+    assert tower.trim_length(_tokens()) == length
+    cut, full = _trimmed_and_full(module, _tokens(), length)
     assert (cut - full).abs().max() < 1e-5
+    assert tower.holder.positional_embedding.shape[0] == 16  # restored
 
 
-def test_trimming_a_tower_without_a_causal_mask_would_change_its_features():
+@pytest.mark.parametrize("cls", [open_clip.CLIP, open_clip.CustomTextCLIP])
+def test_trimming_a_tower_without_a_causal_mask_would_change_its_features(cls):
     # why trimmable() refuses it: without the mask the padding after the EOT reaches the EOT
-    torch.manual_seed(0)
-    for module, changes in ((_tiny_clip(no_causal_mask=True).eval(), True), (_tiny_clip().eval(), False)):
-        tokens = torch.zeros(2, 16, dtype=torch.long)
-        tokens[0, :3], tokens[1, :5] = torch.tensor([5, 7, 63]), torch.tensor([5, 9, 11, 13, 63])
-        with torch.inference_mode():
-            full = module.encode_text(tokens)
-            with _context_of(module, 5):
-                cut = module.encode_text(tokens[:, :5])
-        assert ((cut - full).abs().max() > 1e-3) == changes
+    cut, full = _trimmed_and_full(_tiny_clip(cls, no_causal_mask=True), _tokens(), 5)
+    assert (cut - full).abs().max() > 1e-3
 
 
 def test_trimmed_features_have_their_own_cache_key_and_record_digest(model, tmp_path):
