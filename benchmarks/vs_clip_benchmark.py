@@ -30,8 +30,10 @@ clip_benchmark is never installed into clipbench's environment; give the Python 
     python benchmarks/vs_clip_benchmark.py --cb-python /tmp/cbvenv/bin/python --big-classes 100 --rounds 3
     python benchmarks/vs_clip_benchmark.py --scale 0.25 --big-classes 20     # ~10 min on 2 shared cores
 
-On a CPU the 1,000 x 80 prompts take as long as the text tower needs for 80,000 prompts in both
-tools (~1 h on 2 shared cores); ``--big-classes`` scales that dataset down.
+On a CPU the 1,000 x 80 prompts dominate: clip_benchmark encodes them one class (80 prompts) per
+batch on the full 77-token context, clipbench 256 per batch on a context trimmed to each batch's
+longest prompt (docs/architecture.md, "Throughput and threads"); ``--big-classes`` scales that
+dataset down.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
 """``python -m clipbench`` (also ``torchrun -m clipbench run ...``)."""
 
-import sys
+from clipbench.cli import entry
 
-from clipbench.cli import main
-
-sys.exit(main())
+entry()
