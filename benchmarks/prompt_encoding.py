@@ -2,9 +2,11 @@
 
 Encodes C classes x 80 templates with a randomly initialized ViT-S-32-alt text tower, loaded through
 clipbench, in three ways:
-* ``trimmed``: clipbench's default, the class-major prompt list (clipbench.tasks.zeroshot.build_prompts)
-  cut into batches of ``--batch-size`` prompts, each run on the context up to its longest prompt;
-* ``full``: the same batches on the full 77-token context (what open_clip's ``encode_text`` does);
+* ``trimmed``: clipbench's default (clipbench.features.text_features): the prompts
+  (clipbench.tasks.zeroshot.build_prompts) in order of length, in batches of ``--batch-size``, each
+  run on the context up to its longest prompt;
+* ``full``: class-major batches of ``--batch-size`` on the full 77-token context (what open_clip's
+  ``encode_text`` does);
 * ``per class``: one batch of 80 prompts per class on the full context, like open_clip's legacy
   per-class loop (and clip_benchmark).
 All give the same class weights to float rounding (the largest difference is printed).
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from clipbench.features import FeatureCache, text_features
 from clipbench.models import load_model
 from clipbench.tasks.zeroshot import build_prompts, class_weights
 
@@ -57,10 +62,9 @@ def fake_classnames(num_classes: int) -> list[str]:
 
 
 def encode(model, prompts: list[str], batch_size: int) -> np.ndarray:
-    """(T, D) features of ``prompts`` encoded ``batch_size`` at a time by a clipbench model."""
-    with torch.inference_mode(), model.autocast():
-        return np.concatenate([model.encode_texts(prompts[start:start + batch_size]).cpu().numpy()
-                               for start in range(0, len(prompts), batch_size)])
+    """(T, D) features of ``prompts`` through clipbench's text path (features.text_features), cold."""
+    with tempfile.TemporaryDirectory() as cache:
+        return text_features(model, prompts, FeatureCache(Path(cache)), batch_size=batch_size)
 
 
 def timed(fn, device: torch.device) -> tuple[float, np.ndarray]:

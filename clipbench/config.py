@@ -137,9 +137,9 @@ class RunConfig:
     cache_dir: Path | None = None
     batch_size: int = 256
     #: prompts per text-encoder batch; None: 1024 on GPU (2x faster than one class per batch on an
-    #: H100), 256 on CPU (ViT-S-32-alt on 2 cores, trimmed context, amp: 1,401 prompts/s at 256,
-    #: 1,278 at 128, 869 at 32; fp32: 662, 685, 710; benchmarks/prompt_encoding.py); the batch size
-    #: is part of the text-feature cache key: it can change the last bits of a feature
+    #: H100), 256 on CPU (ViT-S-32-alt on 2 cores, trimmed context, amp: 2,030 prompts/s at 256,
+    #: 1,914 at 128, 1,205 at 32; fp32: 771, 825, 805; benchmarks/prompt_encoding.py); the batch
+    #: size is part of the text-feature cache key: it can change the last bits of a feature
     text_batch_size: int | None = None
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     device: str = "auto"

@@ -139,3 +139,22 @@ def test_trimmed_features_have_their_own_cache_key_and_record_digest(model, tmp_
     at_full = Evaluator(full_model, config).record_settings(spec, get_task("zeroshot"))
     assert "text_context" not in at_full
     assert at_full["settings_digest"] != zeroshot["settings_digest"]
+
+
+def test_prompts_are_encoded_in_order_of_length_and_returned_in_their_own(model, tmp_path):
+    texts = [f"{prompt} {'x' * (i % 5)}" for i, prompt in enumerate(PROMPTS * 3)]
+    got = text_features(model, texts, FeatureCache(tmp_path), batch_size=4)
+    # the batches written out: sorted by character count, ties in the given order
+    by_length = sorted(range(len(texts)), key=lambda i: (len(texts[i]), i))
+    expected = np.empty_like(got)
+    for start in range(0, len(texts), 4):
+        rows = by_length[start:start + 4]
+        expected[rows] = model.encode_texts([texts[i] for i in rows]).numpy()
+    assert np.array_equal(got, expected)
+    # each row is its own prompt's: encoded alone, it agrees to float rounding
+    alone = np.concatenate([model.encode_texts([t]).numpy() for t in texts])
+    assert np.abs(got - alone).max() < 1e-5
+    # a fixed-length layout keeps the given order
+    full = dataclasses.replace(model, text_context="full")
+    in_order = np.concatenate([full.encode_texts(texts[s:s + 4]).numpy() for s in range(0, len(texts), 4)])
+    assert np.array_equal(text_features(full, texts, FeatureCache(tmp_path), batch_size=4), in_order)
