@@ -679,6 +679,11 @@ def image_features(
     return ImageFeatures(projected, pre, targets, kind, from_cache, seconds, kept=kept, skipped=skipped)
 
 
+def text_context(model: Any) -> str | None:
+    """The model's ``text_context``; None (fixed-length batches) for a backend that does not say."""
+    return getattr(model, "text_context", None)
+
+
 def text_features(
     model: Any, texts: Sequence[str], cache: FeatureCache, *, batch_size: int = 1024
 ) -> np.ndarray:
@@ -699,11 +704,12 @@ def text_features(
         # a batch's shape can change the last bits of its rows (CPU kernels block by batch size)
         "batch_size": batch_size,
     }
-    by_length = model.text_context in LENGTH_ADAPTIVE_CONTEXTS
+    context = text_context(model)
+    by_length = context in LENGTH_ADAPTIVE_CONTEXTS
     if by_length:
-        # likewise its length and which prompts share it; keys of fixed-length batches, the only
-        # layout before, stay as they were
-        parts["text_context"] = model.text_context
+        # likewise its length and which prompts share it; keys of fixed-length batches, encoded in
+        # the given order as before, stay as they were
+        parts["text_context"] = context
         parts["order"] = "length"
     key = FeatureCache.digest(parts)
     cached = cache.load("text", key, {"features": (len(texts), None)})

@@ -28,7 +28,14 @@ from clipbench.atomic import remove_stale_temporaries
 from clipbench.config import ModelChoice, RunConfig
 from clipbench.data import Samples, load_split, source_prompts
 from clipbench.errors import ClipbenchError
-from clipbench.features import LENGTH_ADAPTIVE_CONTEXTS, FeatureCache, ImageFeatures, image_features, text_features
+from clipbench.features import (
+    LENGTH_ADAPTIVE_CONTEXTS,
+    FeatureCache,
+    ImageFeatures,
+    image_features,
+    text_context,
+    text_features,
+)
 from clipbench.specs import DatasetSpec, read_classnames, read_lines
 from clipbench.tasks import Task, get_task
 from clipbench.tasks.base import Captions, CaptionSets, ClassPrompts, FeatureSplit, TaskInputs
@@ -229,11 +236,11 @@ class Evaluator:
             settings["max_image_pixels"] = self.config.max_image_pixels
         if self.config.decode != RunConfig.default("decode"):
             settings["decode"] = self.config.decode  # other pixels; likewise only off the default
-        if task.needs(spec).text is not None and self.model.text_context in LENGTH_ADAPTIVE_CONTEXTS:
-            # prompts in batches as long as their longest one, in order of length, differ from
-            # fixed-length batches in their last bits; records from those, all there were before,
-            # keep their digests
-            settings["text_context"] = self.model.text_context
+        if task.needs(spec).text is not None and text_context(self.model) in LENGTH_ADAPTIVE_CONTEXTS:
+            # prompts in batches as long as their longest one, in order of length, differ in their
+            # last bits from what earlier versions encoded, so such records are not reused; records
+            # of fixed-length batches keep their digests
+            settings["text_context"] = text_context(self.model)
         if task.needs(spec).text == "class_prompts":
             classnames, templates, _ = prompts_for(spec, self.config, Path(self.config.data_root))
             settings["prompts_digest"] = _digest([classnames, templates])

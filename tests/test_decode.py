@@ -140,7 +140,7 @@ def test_cache_key_and_settings_digest_change_only_off_the_default(folder, tmp_p
     assert FeatureCache.digest(other) != FeatureCache.digest(default)
 
     tiny = types.SimpleNamespace(name="fake-32", pretrained="none", precision="fp32", weights_digest="0" * 16,
-                                 identity=model.identity, device="cpu", text_context="full")
+                                 identity=model.identity, device="cpu")
     task = get_task("zeroshot")
     base = dict(output=tmp_path / "out", cache_dir=tmp_path / "cache", data_root=tmp_path / "data")
     at_default = Evaluator(tiny, RunConfig(**base)).record_settings(spec, task)

@@ -9,6 +9,7 @@ embedded tiny CLIP with its trained weights (``synthetic``) and with random weig
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -200,7 +201,9 @@ def test_two_ranks_run_several_models_like_one_process(colours, tmp_path):
         assert proc.returncode != 0 and f"{TINY},{MISSING}: could not be loaded" in proc.stderr, proc.stderr[-3000:]
         assert "DistributedError" not in proc.stderr
     assert "Traceback" not in single.stderr
-    # torchrun's summary: rank 0 exited 2, the failure it reports (torchrun then stops rank 1)
-    assert "rank      : 0 (local_rank: 0)" in ranks.stderr and "exitcode  : 2" in ranks.stderr
+    # torchrun's summary: the first rank to exit, with clipbench's exit code 2 (both ranks fail the
+    # model and exit 2; which is observed first is a race, and torchrun then stops the other)
+    assert re.search(r"rank\s+: [01] \(local_rank: [01]\)", ranks.stderr), ranks.stderr[-3000:]
+    assert "exitcode  : 2" in ranks.stderr
     together, alone = _records(tmp_path / "ranks" / "out"), _records(tmp_path / "single" / "out")
     assert len(together) == 2 and together == alone

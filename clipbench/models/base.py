@@ -37,7 +37,9 @@ class ImageTextModel(Protocol):
         supports_text: False for image-only backbones (:meth:`encode_texts` then raises).
         text_context: how a text batch is laid out for the text tower, which can change a
             feature's last bits (text-feature cache keys): open_clip ``'trimmed'`` or ``'full'``,
-            the Hugging Face tokenizer's padding, None without a text tower.
+            the Hugging Face tokenizer's padding, None without a text tower. Optional for other
+            backends: missing reads as None, batches of a fixed length
+            (:func:`clipbench.features.text_context`).
         weights_digest: identifies the weights (feature caches, records).
     """
 
