@@ -47,7 +47,7 @@ class OpenClipModel:
         pre_projection_dim: width P of the pre-projection image feature.
         image_size: model input (H, W) in pixels.
         text_context: ``'trimmed'``: each text batch runs on the context up to its longest
-            prompt's pooled token (see :func:`_trim_length`), or ``'full'``: the tokenizer's whole
+            prompt's pooled token (:class:`TextTower`), or ``'full'``: the tokenizer's whole
             context (77 for CLIP), where the tower is not causal or pools a fixed position.
     """
 
